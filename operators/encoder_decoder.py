@@ -1,0 +1,26 @@
+"""The hello-world pipeline operator: encoder, then decoder, with ``input_copies`` passed along."""
+
+from __future__ import annotations
+
+from tdask import Operator, Request
+
+
+class EncoderDecoder(Operator):
+    """Calls the ``encoder`` and ``decoder`` operators; large tensors move encoder to decoder directly."""
+
+    async def setup(self) -> None:
+        self.encoder = await self.context.operator("encoder")
+        self.decoder = await self.context.operator("decoder")
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            encoded = self.encoder.infer(
+                {"input": request.input("input")}, request.parameters,
+                request_id=request.request_id, keep="auto",
+            )
+            input_copies = int((await encoded)["input_copies"][0])
+            decoded = await self.decoder.infer(
+                {"input": encoded.output("output")}, {"input_copies": input_copies},
+                request_id=request.request_id,
+            )
+            await request.respond({"output": decoded["output"]})

@@ -1,0 +1,106 @@
+"""The embedded cluster of ``python -m deploy``, and where it announces its address."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from typing import Any
+
+from distributed import LocalCluster
+
+from tdask import config
+
+DEFAULT_SCHEDULER_ADDRESS = "tcp://127.0.0.1:8786"
+
+
+def address_file() -> str:
+    """Where an embedded deploy writes its addresses for ``python -m tdask.client``."""
+    path = config.get("address-file", None)
+    if path:
+        return str(path)
+    return os.path.join(tempfile.gettempdir(), f"tdask-{os.getuid()}", "embedded-cluster.json")
+
+
+def write_address_file(scheduler_address: str, dashboard_link: str | None) -> str:
+    path = address_file()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"scheduler_address": scheduler_address, "dashboard_link": dashboard_link, "pid": os.getpid()}, f)
+    os.replace(tmp, path)
+    return path
+
+
+def remove_address_file() -> None:
+    path = address_file()
+    try:
+        with open(path) as f:
+            if json.load(f).get("pid") != os.getpid():
+                return
+        os.remove(path)
+    except (OSError, ValueError):
+        pass
+
+
+def announced_scheduler_address() -> str:
+    """The address an embedded deploy announced (if it still runs), else Dask's default."""
+    try:
+        with open(address_file()) as f:
+            info = json.load(f)
+        os.kill(int(info["pid"]), 0)
+        return str(info["scheduler_address"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_SCHEDULER_ADDRESS
+
+
+def count_gpus() -> int:
+    """GPUs visible here, by ``nvidia-smi -L``; 0 when there is no NVIDIA driver."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+async def start_embedded_cluster(
+    n_workers: int,
+    gpus: int = 0,
+    protocol: str = "tcp",
+    scheduler_port: int = 8786,
+    dashboard_address: str = ":8787",
+    security: Any = None,
+    **kwargs: Any,
+) -> LocalCluster:
+    """A LocalCluster of real worker processes, one thread each; plus one ``GPU=1`` worker per GPU.
+
+    CPU operators need no resource tag, so the CPU workers carry none.
+    """
+    host = "127.0.0.1" if protocol != "ucx" else None
+    cluster = await LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        protocol=f"{protocol}://" if protocol else None,
+        host=host,
+        scheduler_port=scheduler_port,
+        dashboard_address=dashboard_address,
+        security=security,
+        asynchronous=True,
+        **kwargs,
+    )
+    if gpus:
+        for i in range(gpus):
+            spec = copy.deepcopy(cluster.new_spec)
+            options = spec.setdefault("options", {})
+            options["resources"] = {"GPU": 1}
+            options["env"] = {**options.get("env", {}), "CUDA_VISIBLE_DEVICES": str(i)}
+            cluster.worker_spec[f"gpu-{i}"] = spec
+        await cluster._correct_state()
+        await cluster.scheduler_comm.identity()
+    return cluster

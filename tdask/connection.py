@@ -1,0 +1,145 @@
+"""Callers' side of the request stream: one long-lived, batched comm per worker."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any
+
+from distributed.batched import BatchedSend
+from distributed.comm import CommClosedError, connect
+
+from tdask import config
+from tdask import errors as _errors
+from tdask.errors import ReplicaUnavailableError
+
+logger = logging.getLogger(__name__)
+
+_ids = itertools.count()
+
+
+def error_from_wire(err: dict[str, Any]) -> Exception:
+    cls = getattr(_errors, err.get("type", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, _errors.TdaskError)):
+        cls = _errors.OperatorError
+    return cls(err.get("message", "unknown error"))
+
+
+class WorkerStream:
+    """All calls from this process to one worker share this comm.
+
+    Requests are written through a :class:`~distributed.batched.BatchedSend`, so many
+    pending requests leave in one write; answers come back on the same comm, matched by
+    call id. Losing the comm fails every pending call with :class:`ReplicaUnavailableError`.
+    """
+
+    def __init__(self, address: str, connection_args: dict[str, Any]) -> None:
+        self.address = address
+        self.connection_args = connection_args
+        self.pending: dict[int, asyncio.Future] = {}
+        self.comm: Any = None
+        self.sender: BatchedSend | None = None
+        self._reader: asyncio.Task | None = None
+        self._connecting: asyncio.Lock = asyncio.Lock()
+        self.bytes_received = 0
+
+    async def _ensure(self) -> BatchedSend:
+        if self.sender is not None and not self.comm.closed():
+            return self.sender
+        async with self._connecting:
+            if self.sender is not None and not self.comm.closed():
+                return self.sender
+            try:
+                comm = await connect(self.address, **self.connection_args)
+                await comm.write({"op": "tdask_stream", "reply": False})
+            except (OSError, CommClosedError) as e:
+                error = ReplicaUnavailableError(f"cannot connect to worker {self.address}: {e}")
+                error.retryable = True  # nothing was sent: safe to try another replica
+                raise error from e
+            sender = BatchedSend(interval=config.get("transfer.batch-interval"))
+            sender.start(comm)
+            self.comm, self.sender = comm, sender
+            self._reader = asyncio.ensure_future(self._read(comm))
+            return sender
+
+    async def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        sender = await self._ensure()
+        call_id = next(_ids)
+        msg["id"] = call_id
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[call_id] = fut
+        try:
+            sender.send(msg)
+        except CommClosedError as e:
+            self.pending.pop(call_id, None)
+            error = ReplicaUnavailableError(f"connection to worker {self.address} closed: {e}")
+            error.retryable = True
+            raise error from e
+        try:
+            return await fut
+        finally:
+            self.pending.pop(call_id, None)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """Fire and forget (releases); dropped when the stream is down."""
+        if self.sender is not None and not self.comm.closed():
+            try:
+                self.sender.send(msg)
+            except CommClosedError:
+                pass
+
+    async def _read(self, comm: Any) -> None:
+        try:
+            while True:
+                msgs = await comm.read()
+                if not isinstance(msgs, (list, tuple)):
+                    msgs = (msgs,)
+                for msg in msgs:
+                    fut = self.pending.pop(msg.get("id"), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+        except (CommClosedError, OSError) as e:
+            reason = e
+        except Exception as e:  # pragma: no cover - keep the error visible
+            logger.exception("tdask stream from %s failed", self.address)
+            reason = e
+        self.fail_all(ReplicaUnavailableError(
+            f"lost connection to worker {self.address} ({reason}); the request may or may not have run"))
+
+    def fail_all(self, error: Exception) -> None:
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+    async def close(self) -> None:
+        if self.sender is not None:
+            self.send({"op": "close-stream"})
+            try:
+                await asyncio.wait_for(self.sender.close(), 2)
+            except Exception:
+                self.sender.abort()
+        if self._reader is not None:
+            self._reader.cancel()
+        if self.comm is not None and not self.comm.closed():
+            self.comm.abort()
+        self.fail_all(ReplicaUnavailableError(f"stream to {self.address} closed"))
+
+
+class StreamPool:
+    """One :class:`WorkerStream` per worker address, per caller."""
+
+    def __init__(self, connection_args: dict[str, Any]) -> None:
+        self.connection_args = connection_args
+        self.streams: dict[str, WorkerStream] = {}
+
+    def get(self, address: str) -> WorkerStream:
+        stream = self.streams.get(address)
+        if stream is None:
+            stream = self.streams[address] = WorkerStream(address, self.connection_args)
+        return stream
+
+    async def close(self) -> None:
+        streams, self.streams = self.streams, {}
+        await asyncio.gather(*(s.close() for s in streams.values()), return_exceptions=True)

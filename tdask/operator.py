@@ -1,0 +1,226 @@
+"""The operator contract: configuration, requests and the base class users subclass."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tdask.errors import ConfigError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from tdask.remote import RemoteOperator
+
+DEVICES = ("CPU", "GPU")
+TRITON_ALIASES = ("TritonCoreOperator", "triton", "tdask:TritonCoreOperator")
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """How one operator is implemented and placed.
+
+    Parameters
+    ----------
+    name
+        The name callers look the operator up by (for Triton operators also the model name).
+    implementation
+        A class, a ``"module:Class"`` string found in ``repository``, or
+        ``"TritonCoreOperator"`` for a Triton model repository entry.
+    repository
+        The operator repository (Python operators) or Triton model repository.
+    version
+        Operators are found by name and version; the latest version when none is asked.
+    max_inflight
+        Requests one replica executes at once; more wait in its bounded queue.
+    parameters
+        Operator parameters; for Triton models they are merged into ``config.pbtxt``.
+    device
+        ``"CPU"`` or ``"GPU"``. GPU replicas only go to workers with a ``GPU`` resource.
+    instances
+        Model instances per replica (Triton's ``instance_group`` count).
+    replicas
+        Number of replicas (actors) placed on workers.
+    resources
+        Extra resource tags a worker must have to host a replica, e.g. ``{"encoder": 1}``.
+    max_queue_size
+        Requests waiting per replica beyond ``max_inflight``; ``None`` takes the config default.
+
+    >>> OperatorConfig("encoder", "TritonCoreOperator", repository="operators/triton_core_models")
+    OperatorConfig(name='encoder', ...)
+    """
+
+    name: str
+    implementation: type | str = "TritonCoreOperator"
+    repository: str | None = None
+    version: int = 1
+    max_inflight: int = 1
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    device: str = "CPU"
+    instances: int = 1
+    replicas: int = 1
+    resources: Mapping[str, float] = field(default_factory=dict)
+    max_queue_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ConfigError(f"operator name must be a non-empty string, got {self.name!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"operator {self.name!r}: device must be CPU or GPU, got {self.device!r}")
+        for attr in ("max_inflight", "instances", "replicas", "version"):
+            value = getattr(self, attr)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"operator {self.name!r}: {attr} must be an integer >= 1, got {value!r}")
+        if self.max_queue_size is not None and self.max_queue_size < 0:
+            raise ConfigError(f"operator {self.name!r}: max_queue_size must be >= 0")
+        if self.repository is not None:
+            object.__setattr__(self, "repository", os.path.abspath(os.fspath(self.repository)))
+        if self.is_triton and self.repository is None:
+            raise ConfigError(f"operator {self.name!r}: a Triton operator needs the model repository path")
+
+    @property
+    def is_triton(self) -> bool:
+        from tdask.triton_operator import TritonCoreOperator
+
+        impl = self.implementation
+        return impl in TRITON_ALIASES or (isinstance(impl, type) and issubclass(impl, TritonCoreOperator))
+
+    def required_resources(self) -> dict[str, float]:
+        """Worker resources a replica needs: GPU replicas need one ``GPU`` each."""
+        needed = dict(self.resources)
+        if self.device == "GPU":
+            needed["GPU"] = max(1.0, float(needed.get("GPU", 1)))
+        return needed
+
+    def load_class(self) -> type[Operator]:
+        """Resolve ``implementation`` to a class; runs where the replica runs."""
+        impl = self.implementation
+        if self.is_triton and isinstance(impl, str):
+            from tdask.triton_operator import TritonCoreOperator
+
+            return TritonCoreOperator
+        if isinstance(impl, type):
+            cls = impl
+        else:
+            module_name, sep, attr = str(impl).partition(":")
+            if not sep or not module_name or not attr:
+                raise ConfigError(f"operator {self.name!r}: implementation must be 'module:Class', got {impl!r}")
+            if self.repository and self.repository not in sys.path:
+                sys.path.insert(0, self.repository)
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as e:
+                raise ConfigError(
+                    f"operator {self.name!r}: cannot import {module_name!r} (repository {self.repository}): {e}"
+                ) from e
+            try:
+                cls = getattr(module, attr)
+            except AttributeError as e:
+                raise ConfigError(f"operator {self.name!r}: module {module_name!r} has no {attr!r}") from e
+        if not (isinstance(cls, type) and issubclass(cls, Operator)):
+            raise ConfigError(f"operator {self.name!r}: {cls!r} is not a tdask.Operator subclass")
+        return cls
+
+    def describe(self) -> dict[str, Any]:
+        """A plain summary for printing and for the registry."""
+        impl = self.implementation
+        if isinstance(impl, type):
+            impl = f"{impl.__module__}:{impl.__qualname__}"
+        return {
+            "name": self.name,
+            "version": self.version,
+            "implementation": impl,
+            "device": self.device,
+            "instances": self.instances,
+            "max_inflight": self.max_inflight,
+            "replicas": self.replicas,
+        }
+
+
+class Request:
+    """One request as an operator sees it: named input tensors, parameters and an id.
+
+    The operator answers each request exactly once, with :meth:`respond` or :meth:`fail`.
+    """
+
+    __slots__ = ("request_id", "inputs", "parameters", "_outputs", "_error", "_done")
+
+    def __init__(self, request_id: str, inputs: dict[str, Any], parameters: dict[str, Any]) -> None:
+        self.request_id = request_id
+        self.inputs = inputs
+        self.parameters = parameters
+        self._outputs: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        self._done = False
+
+    def input(self, name: str) -> Any:
+        """The input tensor ``name``; a clear error when the caller did not send it."""
+        try:
+            return self.inputs[name]
+        except KeyError:
+            raise InvalidRequestError(
+                f"request {self.request_id}: missing input tensor {name!r} (got {sorted(self.inputs)})"
+            ) from None
+
+    async def respond(self, outputs: Mapping[str, Any]) -> None:
+        """Send the output tensors back to the caller."""
+        if self._done:
+            raise RuntimeError(f"request {self.request_id} was already answered")
+        self._outputs = dict(outputs)
+        self._done = True
+
+    def fail(self, error: BaseException) -> None:
+        """Answer the request with an error instead of outputs."""
+        if self._done:
+            raise RuntimeError(f"request {self.request_id} was already answered")
+        self._error = error
+        self._done = True
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+
+class OperatorContext:
+    """What a running operator may use: its worker, replica id and the other operators."""
+
+    def __init__(self, config: OperatorConfig, replica_id: str, worker: Any) -> None:
+        self.config = config
+        self.replica_id = replica_id
+        self.worker = worker
+
+    async def operator(self, name: str, version: int | None = None) -> RemoteOperator:
+        """A handle to another deployed operator, called worker to worker."""
+        from tdask.remote import worker_session
+
+        return await worker_session(self.worker).operator(name, version)
+
+
+class Operator:
+    """Base class of operators: subclass it and implement :meth:`execute`.
+
+    >>> class Echo(Operator):
+    ...     async def execute(self, requests):
+    ...         for request in requests:
+    ...             await request.respond({"output": request.input("input")})
+    """
+
+    def __init__(self, config: OperatorConfig, context: OperatorContext) -> None:
+        self.config = config
+        self.context = context
+
+    async def setup(self) -> None:
+        """Acquire what the operator needs (servers, models, handles) before serving."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        """Answer every request with :meth:`Request.respond` or :meth:`Request.fail`."""
+        raise NotImplementedError
+
+    async def teardown(self) -> None:
+        """Release what :meth:`setup` acquired."""
+
+    def info(self) -> dict[str, Any]:
+        """Extra facts shown on the dashboard and printed at deploy time."""
+        return {}

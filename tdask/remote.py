@@ -1,0 +1,343 @@
+"""Handles to deployed operators: :class:`Session`, :class:`RemoteOperator` and futures."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+import weakref
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import numpy as np
+from distributed import Client
+
+from tdask import config
+from tdask.connection import StreamPool, error_from_wire
+from tdask.errors import (
+    InvalidRequestError,
+    OperatorNotFoundError,
+    ReplicaUnavailableError,
+    RequestTimeoutError,
+)
+from tdask.registry import ROOT, operator_key, pick_version
+from tdask.routing import choose_replica
+from tdask.service import RETRYABLE
+from tdask.tensors import TensorRef, check_tensor, is_wire_ref, nbytes, to_wire
+
+logger = logging.getLogger(__name__)
+
+_PARAM_TYPES = (bool, int, float, str)
+
+
+class InferResult:
+    """The answer to one request: output tensors, and who answered.
+
+    Outputs kept on the producing worker appear as :class:`TensorRef`; pass them (or
+    ``future.output(name)``) to another operator to move them worker to worker, or
+    :meth:`fetch` them here.
+    """
+
+    def __init__(self, session: Session, outputs: dict[str, Any], replica: str, worker: str, request_id: str) -> None:
+        self.outputs = outputs
+        self.replica = replica
+        self.worker = worker
+        self.request_id = request_id
+        self._session = session
+        refs = [v.key for v in outputs.values() if isinstance(v, TensorRef)]
+        if refs:
+            weakref.finalize(self, session._release_threadsafe, worker, refs)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.outputs[name]
+
+    def __repr__(self) -> str:
+        return f"<InferResult {self.request_id} from {self.replica}: {sorted(self.outputs)}>"
+
+    async def fetch(self, name: str) -> Any:
+        """The tensor ``name`` as an array, fetched from its worker if it was kept there."""
+        value = self.outputs[name]
+        if isinstance(value, TensorRef):
+            got = await self._session.rpc(value.worker).tdask_fetch(keys=[value.key])
+            if isinstance(got, dict) and got.get("status") == "uncaught-error":
+                raise InvalidRequestError(str(got.get("exception")))
+            return got[value.key]
+        return value
+
+
+class OutputOf:
+    """``future.output(name)``: the named output of a request not yet answered."""
+
+    def __init__(self, future: InferFuture, name: str) -> None:
+        self.future = future
+        self.name = name
+
+    async def resolve(self) -> Any:
+        result = await self.future
+        try:
+            return result.outputs[self.name]
+        except KeyError:
+            raise InvalidRequestError(
+                f"request {result.request_id} has no output {self.name!r} (outputs: {sorted(result.outputs)})"
+            ) from None
+
+
+class InferFuture:
+    """A request in flight. ``await`` it for the :class:`InferResult`."""
+
+    def __init__(self, task: asyncio.Task, request_id: str) -> None:
+        self._task = task
+        self.request_id = request_id
+
+    def __await__(self):
+        return self._task.__await__()
+
+    def done(self) -> bool:
+        return self._task.done()
+
+    def cancel(self) -> bool:
+        return self._task.cancel()
+
+    def output(self, name: str) -> OutputOf:
+        """Use one output of this request as the input of another call."""
+        return OutputOf(self, name)
+
+
+class RemoteOperator:
+    """Calls to one deployed operator, spread over its replicas.
+
+    >>> encoder = await session.operator("encoder")          # doctest: +SKIP
+    >>> result = await encoder.infer({"input": np.arange(5)})  # doctest: +SKIP
+    """
+
+    def __init__(self, session: Session, name: str, version: int, record: dict[str, Any]) -> None:
+        self.session = session
+        self.name = name
+        self.version = version
+        self._set_record(record)
+        self.outstanding: dict[str, int] = defaultdict(int)
+        self._counter = itertools.count()
+        self._down: dict[str, float] = {}
+        self._refreshed = time.monotonic()
+
+    def _set_record(self, record: dict[str, Any]) -> None:
+        self.record = record
+        self.replicas: dict[str, str] = {r["replica"]: r["worker"] for r in record.get("replicas", [])}
+
+    def __repr__(self) -> str:
+        return f"<RemoteOperator {self.name} v{self.version}: {len(self.replicas)} replicas>"
+
+    async def refresh(self) -> None:
+        """Re-read the replica list (replicas move when workers die and come back)."""
+        self._refreshed = time.monotonic()
+        versions = await self.session._lookup(operator_key(self.name))
+        try:
+            _, record = pick_version(self.name, versions, self.version, [])
+        except OperatorNotFoundError:
+            record = {"replicas": []}
+        self._set_record(record)
+
+    def infer(
+        self,
+        inputs: Mapping[str, Any] | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        keep: bool | str = False,
+        timeout: float | None = None,
+    ) -> InferFuture:
+        """Send one request; returns at once with a future.
+
+        ``inputs`` map names to arrays, :class:`TensorRef` or ``other_future.output(name)``
+        (the tensor then moves worker to worker, not through this caller). ``keep=True``
+        leaves large outputs on the replica's worker for the next operator; ``"auto"``
+        keeps only outputs above ``tdask.transfer.inline-threshold``.
+        """
+        request_id = request_id or uuid.uuid4().hex[:12]
+        task = asyncio.ensure_future(self._infer(inputs, parameters, request_id, keep, timeout))
+        return InferFuture(task, request_id)
+
+    async def _infer(self, inputs: Any, parameters: Any, request_id: str, keep: bool | str,
+                     timeout: float | None) -> InferResult:
+        wire_inputs = await self._prepare_inputs(inputs, request_id)
+        params = _check_parameters(parameters, request_id)
+        if keep not in (True, False, "auto"):
+            raise InvalidRequestError(f"keep must be True, False or 'auto', got {keep!r}")
+        if timeout is None:
+            timeout = config.seconds("request.timeout")
+        deadline = time.monotonic() + timeout
+        if time.monotonic() - self._refreshed > config.seconds("routing.refresh-interval") or not self.replicas:
+            await self.refresh()
+        tried: set[str] = set()
+        last_error: Exception | None = None
+        while True:
+            now = time.monotonic()
+            down = {r for r, until in self._down.items() if until > now}
+            replica = choose_replica(list(self.replicas), self.outstanding, next(self._counter), tried | down)
+            if replica is None and not tried and down:
+                replica = choose_replica(list(self.replicas), self.outstanding, next(self._counter), tried)
+            if replica is None:
+                if last_error is not None:
+                    raise last_error
+                raise ReplicaUnavailableError(f"operator {self.name!r} has no running replica")
+            tried.add(replica)
+            worker = self.replicas[replica]
+            msg = {"op": "infer", "replica": replica, "request_id": request_id, "inputs": wire_inputs,
+                   "parameters": params, "keep": keep}
+            self.outstanding[replica] += 1
+            try:
+                reply = await asyncio.wait_for(self.session.pool.get(worker).call(msg),
+                                               max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"request {request_id} to operator {self.name!r} (replica {replica} on {worker}) "
+                    f"had no answer within {timeout:g} s"
+                ) from None
+            except ReplicaUnavailableError as e:
+                self._down[replica] = time.monotonic() + config.seconds("routing.refresh-interval")
+                if getattr(e, "retryable", False):
+                    last_error = e
+                    continue
+                raise
+            finally:
+                self.outstanding[replica] -= 1
+            if "error" in reply:
+                error = error_from_wire(reply["error"])
+                if reply["error"].get("type") in RETRYABLE:
+                    if reply["error"].get("type") == "ReplicaUnavailableError":
+                        self._down[replica] = time.monotonic() + config.seconds("routing.refresh-interval")
+                    last_error = error
+                    continue
+                raise error
+            outputs = {name: TensorRef.from_wire(v) if is_wire_ref(v) else v
+                       for name, v in reply["outputs"].items()}
+            return InferResult(self.session, outputs, replica, worker, request_id)
+
+    async def _prepare_inputs(self, inputs: Any, request_id: str) -> dict[str, Any]:
+        if inputs is None:
+            return {}
+        if not isinstance(inputs, Mapping):
+            raise InvalidRequestError(
+                f"request {request_id}: inputs must be a mapping of names to tensors, got {type(inputs).__name__}"
+            )
+        wire = {}
+        size = 0
+        for name, value in inputs.items():
+            if isinstance(value, OutputOf):
+                value = await value.resolve()
+            value = check_tensor(name, value)
+            size += value.nbytes if isinstance(value, TensorRef) else nbytes(value)
+            wire[name] = to_wire(value)
+        limit = int(config.get("replica.max-request-bytes"))
+        if size > limit:
+            raise InvalidRequestError(
+                f"request {request_id}: inputs are {size} bytes, over the per-request limit of {limit} bytes "
+                "(tdask.replica.max-request-bytes)"
+            )
+        return wire
+
+
+def _check_parameters(parameters: Any, request_id: str) -> dict[str, Any]:
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, Mapping):
+        raise InvalidRequestError(
+            f"request {request_id}: parameters must be a mapping, got {type(parameters).__name__}"
+        )
+    out = {}
+    for key, value in parameters.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if not isinstance(key, str) or not isinstance(value, _PARAM_TYPES):
+            raise InvalidRequestError(
+                f"request {request_id}: parameter {key!r} must be a bool, int, float or str, got {type(value).__name__}"
+            )
+        out[key] = value
+    return out
+
+
+class Session:
+    """A caller's view of the deployed operators of one Dask cluster.
+
+    Made by :func:`connect` on a client, or for operators on a worker by
+    :func:`worker_session`; both speak to replicas over the same request streams.
+    """
+
+    def __init__(
+        self,
+        lookup: Callable[[list[str]], Awaitable[Any]],
+        rpc: Any,
+        connection_args: dict[str, Any],
+        client: Client | None = None,
+        owns_client: bool = False,
+    ) -> None:
+        self._lookup = lookup
+        self.rpc = rpc
+        self.pool = StreamPool(connection_args)
+        self.client = client
+        self._owns_client = owns_client
+        self._operators: dict[tuple[str, int | None], RemoteOperator] = {}
+        self._loop = asyncio.get_running_loop()
+
+    async def operator(self, name: str, version: int | None = None) -> RemoteOperator:
+        """The handle to ``name`` at ``version`` (latest when ``None``)."""
+        cached = self._operators.get((name, version))
+        if cached is not None:
+            return cached
+        versions = await self._lookup(operator_key(name))
+        known = list((await self._lookup(ROOT)) or {}) if not versions else []
+        version_found, record = pick_version(name, versions, version, known)
+        op = RemoteOperator(self, name, version_found, record)
+        self._operators[(name, version)] = op
+        return op
+
+    async def operators(self) -> dict[str, Any]:
+        """Every deployed operator's record, by name and version."""
+        return (await self._lookup(ROOT)) or {}
+
+    def _release_threadsafe(self, worker: str, keys: list[str]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.pool.get(worker).send, {"op": "release", "keys": keys})
+        except RuntimeError:  # loop closed: the worker's TTL cleans up
+            pass
+
+    async def close(self) -> None:
+        await self.pool.close()
+        if self._owns_client and self.client is not None:
+            await self.client.close()
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def connect(address: str | Client | None = None, *, security: Any = None) -> Session:
+    """Open a :class:`Session` on the cluster at ``address`` (or on an async ``Client``)."""
+    if isinstance(address, Client):
+        client, owns = address, False
+    else:
+        client = await Client(address, asynchronous=True, direct_to_workers=True, security=security)
+        owns = True
+
+    async def lookup(keys: list[str]) -> Any:
+        return await client.get_metadata(keys, default=None)
+
+    return Session(lookup, client.rpc, dict(client.connection_args), client=client, owns_client=owns)
+
+
+def worker_session(worker: Any) -> Session:
+    """The session that operators on ``worker`` share to call other operators."""
+    session = getattr(worker, "_tdask_session", None)
+    if session is None:
+
+        async def lookup(keys: list[str]) -> Any:
+            return await worker.scheduler.get_metadata(keys=keys, default=None)
+
+        session = Session(lookup, worker.rpc, dict(worker.connection_args))
+        worker._tdask_session = session
+    return session

@@ -1,0 +1,183 @@
+"""The Dask actor that hosts one replica of an operator on a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from distributed import get_worker
+
+from tdask import config
+from tdask.errors import (
+    InvalidRequestError,
+    OperatorError,
+    OverloadedError,
+    ReplicaUnavailableError,
+    TdaskError,
+)
+from tdask.operator import Operator, OperatorConfig, OperatorContext, Request
+from tdask.tensors import is_array, nbytes
+
+logger = logging.getLogger(__name__)
+
+
+class ReplicaStats:
+    """Counters a replica keeps about itself; read by deploy, the dashboard and /metrics."""
+
+    def __init__(self) -> None:
+        self.completed = 0
+        self.failed = 0
+        self.rejected = 0
+        self.inflight = 0
+        self.queued = 0
+        self.latencies: deque[tuple[float, float]] = deque(maxlen=4096)  # (finished at, seconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "completed": self.completed,
+            "failed": self.failed,
+            "rejected": self.rejected,
+            "inflight": self.inflight,
+            "queued": self.queued,
+            "latencies": list(self.latencies),
+        }
+
+
+class Replica:
+    """One replica of an operator, created with ``client.submit(Replica, ..., actor=True)``.
+
+    The actor is the replica's identity and life cycle (start, stop, stats); requests
+    reach it over the worker's tdask request stream (see :mod:`tdask.service`) so that
+    calls share one connection per caller and worker instead of one per call.
+    """
+
+    def __init__(self, config: OperatorConfig, replica_id: str) -> None:
+        from tdask.service import WorkerService
+
+        self.config = config
+        self.replica_id = replica_id
+        self.worker = get_worker()
+        self.address = self.worker.address
+        self.service = WorkerService.of(self.worker)
+        self.stats = ReplicaStats()
+        self.operator: Operator | None = None
+        self.max_queue = (
+            config.max_queue_size if config.max_queue_size is not None else int(config_get("replica.max-queue-size"))
+        )
+        self._slots: asyncio.Semaphore | None = None
+        self._state = "created"
+        self._idle: asyncio.Event | None = None
+
+    # -- life cycle (actor methods, run on the worker's event loop) -------------------
+    async def start(self) -> dict[str, Any]:
+        """Build the operator and run its setup; returns what deploy prints."""
+        self._slots = asyncio.Semaphore(self.config.max_inflight)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        cls = self.config.load_class()
+        context = OperatorContext(self.config, self.replica_id, self.worker)
+        self.operator = cls(self.config, context)
+        await self.operator.setup()
+        self._state = "running"
+        self.service.add_replica(self)
+        logger.info("replica %s of %s started on %s", self.replica_id, self.config.name, self.address)
+        return self.info()
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop taking requests, let in-flight ones finish, then tear the operator down."""
+        if self._state in ("stopping", "stopped"):
+            return
+        self._state = "stopping"
+        if drain_timeout is None:
+            drain_timeout = config.seconds("replica.drain-timeout")
+        if self._idle is not None:
+            try:
+                await asyncio.wait_for(self._idle.wait(), drain_timeout)
+            except TimeoutError:
+                logger.warning("replica %s: %d requests still running after drain", self.replica_id,
+                               self.stats.inflight + self.stats.queued)
+        self.service.remove_replica(self.replica_id)
+        if self.operator is not None:
+            await self.operator.teardown()
+        self._state = "stopped"
+        logger.info("replica %s of %s stopped", self.replica_id, self.config.name)
+
+    def info(self) -> dict[str, Any]:
+        info = {**self.config.describe(), "replica": self.replica_id, "worker": self.address,
+                "state": self._state}
+        if self.operator is not None:
+            info.update(self.operator.info())
+        return info
+
+    def get_stats(self) -> dict[str, Any]:
+        return {**self.info(), **self.stats.snapshot()}
+
+    # -- serving --------------------------------------------------------------------
+    async def handle(self, request_id: str, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+        """Queue, execute and answer one request; raises a :class:`TdaskError` on failure."""
+        if self._state != "running" or self._slots is None:
+            raise ReplicaUnavailableError(f"replica {self.replica_id} of {self.config.name!r} is {self._state}")
+        stats = self.stats
+        if stats.queued >= self.max_queue and self._slots.locked():
+            stats.rejected += 1
+            raise OverloadedError(
+                f"operator {self.config.name!r} replica {self.replica_id} is overloaded: "
+                f"{stats.inflight} in flight and {stats.queued} queued (max-queue-size {self.max_queue})"
+            )
+        started = time.perf_counter()
+        stats.queued += 1
+        self._idle.clear()
+        try:
+            async with self._slots:
+                stats.queued -= 1
+                stats.inflight += 1
+                try:
+                    outputs = await self._execute(request_id, inputs, parameters)
+                finally:
+                    stats.inflight -= 1
+        except BaseException:
+            stats.failed += 1
+            raise
+        finally:
+            if stats.queued == 0 and stats.inflight == 0:
+                self._idle.set()
+        stats.completed += 1
+        stats.latencies.append((time.time(), time.perf_counter() - started))
+        return outputs
+
+    async def _execute(self, request_id: str, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+        limit = int(config_get("replica.max-request-bytes"))
+        size = sum(nbytes(v) for v in inputs.values())
+        if size > limit:
+            raise InvalidRequestError(
+                f"request {request_id}: inputs are {size} bytes, over the per-request limit of {limit} bytes "
+                "(tdask.replica.max-request-bytes)"
+            )
+        inputs = await self.service.resolve_inputs(inputs)
+        request = Request(request_id, inputs, parameters)
+        try:
+            await self.operator.execute([request])
+        except TdaskError:
+            raise
+        except Exception as e:
+            logger.exception("request %s: operator %s failed", request_id, self.config.name)
+            raise OperatorError(f"operator {self.config.name!r} failed on request {request_id}: {e!r}") from e
+        if request._error is not None:
+            err = request._error
+            if isinstance(err, TdaskError):
+                raise err
+            raise OperatorError(f"operator {self.config.name!r}: {err}") from err
+        if not request.done or request._outputs is None:
+            raise OperatorError(f"operator {self.config.name!r} returned without answering request {request_id}")
+        outputs = request._outputs
+        for name, value in outputs.items():
+            if not is_array(value):
+                raise OperatorError(f"operator {self.config.name!r} returned a non-array output {name!r}")
+        return outputs
+
+
+def config_get(key: str) -> Any:
+    return config.get(key)

@@ -1,0 +1,239 @@
+"""tdask's per-worker-process service: request streams, kept outputs and Triton servers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from distributed.batched import BatchedSend
+from distributed.comm import CommClosedError
+from distributed.core import Status
+from distributed.protocol import to_serialize
+
+from tdask import config
+from tdask.errors import InvalidRequestError, ReplicaUnavailableError, TdaskError
+from tdask.store import OutputStore
+from tdask.tensors import TensorRef, is_array, is_wire_ref, nbytes
+
+if TYPE_CHECKING:
+    from tdask.replica import Replica
+    from tdask.triton_server import TritonServer
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+
+# Errors the caller may retry elsewhere: the request never started executing.
+RETRYABLE = ("OverloadedError", "ReplicaUnavailableError")
+
+
+def error_to_wire(exc: BaseException) -> dict[str, Any]:
+    name = type(exc).__name__ if isinstance(exc, TdaskError) else "OperatorError"
+    message = str(exc) if isinstance(exc, TdaskError) else f"{type(exc).__name__}: {exc}"
+    return {"type": name, "message": message}
+
+
+class WorkerService:
+    """Installed once per worker as ``worker.extensions["tdask"]``.
+
+    It adds two comm handlers to the worker: ``tdask_stream`` (a long-lived, batched,
+    multiplexed request stream per caller) and ``tdask_fetch`` (worker-to-worker fetch of
+    kept outputs), and owns the Triton servers that this worker's replicas share.
+    """
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.replicas: dict[str, Replica] = {}
+        self.store = OutputStore(worker.address)
+        self.triton_servers: dict[tuple[str, str | None], TritonServer] = {}
+        self.triton_models: dict[tuple[str, str | None], dict[str, int]] = defaultdict(dict)
+        self._triton_lock: asyncio.Lock | None = None
+        self.streams: set[Any] = set()
+        worker.handlers["tdask_stream"] = self.handle_stream
+        worker.handlers["tdask_fetch"] = self.handle_fetch
+
+    @classmethod
+    def of(cls, worker: Any) -> WorkerService:
+        with _lock:
+            service = worker.extensions.get("tdask")
+            if service is None:
+                service = worker.extensions["tdask"] = cls(worker)
+            return service
+
+    # -- replicas --------------------------------------------------------------------
+    def add_replica(self, replica: Replica) -> None:
+        self.replicas[replica.replica_id] = replica
+
+    def remove_replica(self, replica_id: str) -> None:
+        self.replicas.pop(replica_id, None)
+
+    # -- the request stream ----------------------------------------------------------
+    async def handle_stream(self, comm: Any, **kwargs: Any) -> Status:
+        interval = config.get("transfer.batch-interval")
+        sender = BatchedSend(interval=interval)
+        sender.start(comm)
+        self.streams.add(comm)
+        tasks: set[asyncio.Task] = set()
+        try:
+            while not comm.closed():
+                try:
+                    msgs = await comm.read()
+                except CommClosedError:
+                    break
+                if not isinstance(msgs, (list, tuple)):
+                    msgs = (msgs,)
+                for msg in msgs:
+                    op = msg.get("op")
+                    if op == "infer":
+                        task = asyncio.ensure_future(self._serve(msg, sender))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                    elif op == "release":
+                        self.store.release(msg.get("keys", []))
+                    elif op == "close-stream":
+                        return Status.dont_reply
+                    else:
+                        logger.warning("tdask stream: unknown op %r from %s", op, comm.peer_address)
+        finally:
+            self.streams.discard(comm)
+            sender.abort()
+        return Status.dont_reply
+
+    async def _serve(self, msg: dict[str, Any], sender: BatchedSend) -> None:
+        call_id = msg["id"]
+        replica = self.replicas.get(msg.get("replica"))
+        try:
+            if replica is None:
+                raise ReplicaUnavailableError(
+                    f"replica {msg.get('replica')} is not running on worker {self.worker.address}"
+                )
+            outputs = await replica.handle(msg.get("request_id", ""), msg.get("inputs") or {},
+                                           msg.get("parameters") or {})
+            reply = {"id": call_id, "outputs": self._encode_outputs(outputs, msg.get("keep", False))}
+        except asyncio.CancelledError:
+            reply = {"id": call_id, "error": error_to_wire(ReplicaUnavailableError("request cancelled"))}
+        except BaseException as e:  # every request gets an answer
+            if not isinstance(e, TdaskError):
+                logger.exception("request %s failed", msg.get("request_id"))
+            reply = {"id": call_id, "error": error_to_wire(e)}
+        try:
+            sender.send(reply)
+        except CommClosedError:
+            logger.info("caller went away before request %s was answered", msg.get("request_id"))
+
+    def _encode_outputs(self, outputs: dict[str, Any], keep: bool | str) -> dict[str, Any]:
+        threshold = int(config.get("transfer.inline-threshold"))
+        encoded = {}
+        for name, value in outputs.items():
+            kept = keep is True or (keep == "auto" and nbytes(value) > threshold)
+            if kept and nbytes(value) > threshold:
+                encoded[name] = self.store.put(value).to_wire()
+            else:
+                encoded[name] = to_serialize(value)
+        return encoded
+
+    # -- kept outputs ----------------------------------------------------------------
+    async def handle_fetch(self, keys: list[str], release: bool = False) -> dict[str, Any]:
+        values = {key: self.store.get(key) for key in keys}
+        if release:
+            self.store.release(keys)
+        return {key: to_serialize(value) for key, value in values.items()}
+
+    async def resolve_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Replace references by tensors, fetched straight from the worker that holds them."""
+        remote: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        resolved = {}
+        for name, value in inputs.items():
+            if is_wire_ref(value):
+                ref = TensorRef.from_wire(value)
+                if ref.worker == self.worker.address:
+                    resolved[name] = self.store.get(ref.key)
+                else:
+                    remote[ref.worker].append((name, ref.key))
+            elif is_array(value):
+                resolved[name] = value
+            else:
+                raise InvalidRequestError(f"input {name!r} is not a tensor ({type(value).__name__})")
+        for address, wanted in remote.items():
+            try:
+                got = await self.worker.rpc(address).tdask_fetch(keys=[key for _, key in wanted])
+            except OSError as e:
+                raise ReplicaUnavailableError(f"cannot fetch input tensors from worker {address}: {e}") from e
+            if isinstance(got, dict) and got.get("status") == "uncaught-error":
+                raise InvalidRequestError(str(got.get("exception")))
+            for name, key in wanted:
+                resolved[name] = got[key]
+        return resolved
+
+    # -- Triton servers ----------------------------------------------------------------
+    async def acquire_triton_model(self, repository: str, model: str, model_config: dict[str, Any]) -> TritonServer:
+        """Start this worker's Triton server if needed and load ``model`` in it once."""
+        from tdask.triton_server import TritonServer
+
+        if self._triton_lock is None:
+            self._triton_lock = asyncio.Lock()
+        server_path = config.get("triton.server-path")
+        key = (repository, server_path)
+        async with self._triton_lock:
+            server = self.triton_servers.get(key)
+            if server is not None and not server.is_alive():
+                await server.stop()
+                server = None
+                self.triton_models.pop(key, None)
+            if server is None:
+                server = TritonServer(
+                    repository,
+                    server_path=server_path,
+                    log_file=self._triton_log_file(),
+                    log_verbose=int(config.get("triton.log-verbose")),
+                    startup_timeout=config.seconds("triton.startup-timeout"),
+                )
+                await server.start()
+                self.triton_servers[key] = server
+                logger.info("Triton server pid %s for %s (gRPC %s)", server.pid, self.worker.address, server.grpc_url)
+            models = self.triton_models[key]
+            if model not in models:
+                await server.load_model(model, model_config)
+                models[model] = 0
+            models[model] += 1
+            return server
+
+    async def release_triton_model(self, repository: str, model: str) -> None:
+        """Unload ``model`` when its last replica here is gone; stop the server when idle."""
+        key = (repository, config.get("triton.server-path"))
+        async with self._triton_lock:
+            models = self.triton_models.get(key, {})
+            server = self.triton_servers.get(key)
+            if model in models:
+                models[model] -= 1
+                if models[model] <= 0:
+                    del models[model]
+                    if server is not None and server.is_alive() and models:
+                        await server.unload_model(model)
+            if server is not None and not models:
+                await server.stop()
+                del self.triton_servers[key]
+
+    def _triton_log_file(self) -> str | None:
+        import os
+
+        log_dir = config.get("log-dir", None)
+        if not log_dir:
+            return None
+        os.makedirs(log_dir, exist_ok=True)
+        name = str(self.worker.name).replace("/", "_").replace(":", "_")
+        return os.path.join(log_dir, f"triton-{name}.log")
+
+    async def close(self) -> None:
+        """Called by Dask when the worker closes: no Triton server outlives its worker."""
+        for replica in list(self.replicas.values()):
+            try:
+                await replica.stop(drain_timeout=1)
+            except Exception:
+                logger.exception("stopping replica %s", replica.replica_id)
+        for server in list(self.triton_servers.values()):
+            await server.stop()
+        self.triton_servers.clear()

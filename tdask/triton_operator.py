@@ -1,0 +1,77 @@
+"""An operator that serves a Triton Core model (``config.pbtxt`` + ``1/model.py``) in a real Triton server."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tdask.errors import PlacementError, TdaskError, TritonError
+from tdask.operator import Operator, Request
+
+logger = logging.getLogger(__name__)
+
+
+def check_gpu() -> None:
+    """A GPU operator needs a usable GPU here; never fall back to the CPU."""
+    try:
+        import cupy
+    except ImportError as e:
+        raise PlacementError("GPU operator on a worker without CuPy: install cupy or use device CPU") from e
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDA driver missing
+        raise PlacementError(f"GPU operator on a worker without a usable GPU: {e}") from e
+    if count < 1:
+        raise PlacementError("GPU operator on a worker without a usable GPU (0 CUDA devices)")
+
+
+class TritonCoreOperator(Operator):
+    """Loads the model into this worker's Triton server (started on first use) and forwards requests.
+
+    The operator config's ``instances``, ``device`` and ``parameters`` are merged into the
+    model's own ``config.pbtxt``, the way the original triton_distributed did.
+    """
+
+    async def setup(self) -> None:
+        from tdask.service import WorkerService
+        from tdask.triton_client import TritonModelClient
+        from tdask.triton_config import merge_model_config, read_model_config
+
+        cfg = self.config
+        if cfg.device == "GPU":
+            check_gpu()
+        base = read_model_config(cfg.repository, cfg.name)
+        self.model_config = merge_model_config(
+            base, name=cfg.name, instance_count=cfg.instances, device=cfg.device, parameters=dict(cfg.parameters)
+        )
+        self.service = WorkerService.of(self.context.worker)
+        self.server = await self.service.acquire_triton_model(cfg.repository, cfg.name, self.model_config)
+        self.client = TritonModelClient(self.server.grpc_url)
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            try:
+                outputs = await self.client.infer(
+                    self.config.name, request.inputs, parameters=request.parameters,
+                    request_id=request.request_id,
+                )
+            except TdaskError as e:
+                request.fail(e)
+                continue
+            except Exception as e:
+                request.fail(TritonError(f"{self.config.name}: {e}"))
+                continue
+            await request.respond(outputs)
+
+    async def teardown(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            await client.close()
+        if getattr(self, "server", None) is not None:
+            await self.service.release_triton_model(self.config.repository, self.config.name)
+
+    def info(self) -> dict[str, Any]:
+        server = getattr(self, "server", None)
+        if server is None:
+            return {}
+        return {"triton_pid": server.pid, "triton_grpc": server.grpc_url, "triton_metrics": server.metrics_url}

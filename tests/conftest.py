@@ -1,0 +1,141 @@
+"""Shared fixtures: one event loop thread, one real cluster and one hello-world deployment per session.
+
+Starting worker processes and Triton servers costs seconds on 2 cores, so integration
+tests share them; tests that need their own processes (CLIs, signals) start them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SUPPORT = ROOT / "tests" / "support"
+OPERATORS = ROOT / "operators"
+MODELS = OPERATORS / "triton_core_models"
+sys.path.insert(0, str(SUPPORT))
+
+
+class LoopThread:
+    """An asyncio loop in a thread, so sync tests can share async Dask objects."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 180) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def loop() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+def tritonservers() -> set[int]:
+    pids = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if p.info["name"] == "tritonserver" or "tritonserver" in " ".join(p.info["cmdline"] or [])[:300]:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    pids.add(p.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Every tritonserver and worker the tests started is gone at the end of the session."""
+    before = tritonservers()
+    me = psutil.Process()
+    yield
+    import time
+
+    end = time.time() + 30
+    while time.time() < end and (tritonservers() - before or me.children(recursive=True)):
+        time.sleep(0.5)
+    left = tritonservers() - before
+    children = [c for c in me.children(recursive=True) if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"tritonserver processes left behind: {left}"
+    assert not children, f"child processes left behind: {[c.cmdline()[:3] for c in children]}"
+
+
+@pytest.fixture(scope="session")
+def cluster(loop: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    import dask.config
+
+    from tdask.cluster import start_embedded_cluster
+
+    log_dir = tmp_path_factory.mktemp("logs")
+    dask.config.set({"tdask.log-dir": str(log_dir)})
+    cluster = loop.run(start_embedded_cluster(n_workers=3, scheduler_port=0, dashboard_address=":0"))
+    cluster.log_dir = log_dir
+    yield cluster
+    loop.run(cluster.close())
+
+
+@pytest.fixture(scope="session")
+def client(loop: LoopThread, cluster: Any) -> Iterator[Any]:
+    from distributed import Client
+
+    async def make() -> Client:
+        return await Client(cluster.scheduler_address, asynchronous=True, direct_to_workers=True)
+
+    c = loop.run(make())
+    yield c
+    loop.run(c.close())
+
+
+def hello_world_configs(encoder_replicas: int = 2) -> list:
+    from tdask import OperatorConfig
+
+    return [
+        OperatorConfig("encoder", "TritonCoreOperator", repository=MODELS, replicas=encoder_replicas, max_inflight=4),
+        OperatorConfig("decoder", "TritonCoreOperator", repository=MODELS, max_inflight=4),
+        OperatorConfig("encoder_decoder", "encoder_decoder:EncoderDecoder", repository=OPERATORS, max_inflight=8),
+    ]
+
+
+@pytest.fixture(scope="session")
+def hello_world(loop: LoopThread, client: Any) -> Iterator[Any]:
+    """encoder (2 replicas), decoder and encoder_decoder deployed on the shared cluster."""
+    from tdask import Deployment
+
+    deployment = Deployment(client, hello_world_configs())
+    loop.run(deployment.start(), timeout=300)
+    yield deployment
+    loop.run(deployment.stop(), timeout=120)
+
+
+@pytest.fixture(scope="session")
+def session(loop: LoopThread, client: Any, hello_world: Any) -> Iterator[Any]:
+    import tdask
+
+    s = loop.run(tdask.connect(client))
+    yield s
+    loop.run(s.close())
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    """The environment for subprocesses: this venv's bin first on PATH (Triton's stub needs it)."""
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
