@@ -1,0 +1,389 @@
+"""Run one real ``tritonserver`` process next to a Dask worker and manage its models.
+
+Every call is async and never blocks the event loop, because the owner is a Dask worker whose
+heartbeats share that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tdask.errors import TritonServerError
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_LOG_TAIL_LINES = 20
+
+
+def pytriton_server_root() -> Path:
+    """The Triton install shipped inside the ``nvidia-pytriton`` wheel."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonServerError(
+            "no tritonserver binary: the 'nvidia-pytriton' package is not installed "
+            "(pip install nvidia-pytriton==0.7.0) and no server_path was given"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+
+
+def _free_ports(count: int, host: str) -> list[int]:
+    """Ports the OS says are free now; all are held open together so they are distinct."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _die_with_parent() -> None:
+    """Child-side hook: have the kernel SIGKILL tritonserver when its parent goes away.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process.
+    tdask spawns from the Dask worker's event-loop thread, which lives as long as the worker,
+    so this is an orphan guard for a worker that is SIGKILLed.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:  # noqa: BLE001 - best effort, must never break the exec
+        return
+    if os.getppid() != parent:  # parent died before prctl took effect
+        os._exit(1)
+
+
+def _tail(path: Path | None, lines: int = _LOG_TAIL_LINES) -> str:
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 64 * 1024))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+async def _http_status(host: str, port: int, path: str, timeout: float = 1.0) -> int | None:
+    """HTTP status of a GET, or None when nothing answers (plain asyncio: no extra deps)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (TimeoutError, OSError):
+        return None
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        parts = line.split()
+        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+    except (TimeoutError, OSError, ValueError):
+        return None
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+
+
+class TritonServer:
+    """One ``tritonserver`` process in explicit model-control mode, on private free ports."""
+
+    def __init__(
+        self,
+        model_repository: str | os.PathLike,
+        *,
+        server_path: str | None = None,
+        log_file: str | None = None,
+        log_verbose: int = 0,
+        startup_timeout: float = 60.0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.model_repository = Path(model_repository).resolve()
+        if server_path is None:
+            binary = pytriton_server_root() / "bin" / "tritonserver"
+        else:
+            binary = Path(server_path)
+        if not binary.is_file() or not os.access(binary, os.X_OK):
+            raise TritonServerError(f"tritonserver binary not found or not executable: {binary}")
+        self.server_path = binary
+        self._server_root = binary.resolve().parent.parent
+        self._extra_lib_dirs: list[Path] = []
+        self._requested_log_file = Path(log_file) if log_file else None
+        self.log_verbose = int(log_verbose)
+        self.startup_timeout = float(startup_timeout)
+        self.host = host
+        self._process: asyncio.subprocess.Process | None = None
+        self._tmpdir: Path | None = None
+        self._log_path: Path | None = None
+        self._ports: dict[str, int] = {}
+        self._grpc_client: Any = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self._port('grpc')}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self._port('http')}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self._port('metrics')}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def log_file(self) -> Path | None:
+        return self._log_path
+
+    def _port(self, name: str) -> int:
+        if name not in self._ports:
+            raise TritonServerError("the Triton server has not been started")
+        return self._ports[name]
+
+    def is_alive(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    # ------------------------------------------------------------------ lifecycle
+    def _make_backend_dir(self, tmpdir: Path) -> Path:
+        """A backend directory holding the Python backend plus the stub for *this* Python."""
+        source = self._server_root / "backends" / "python"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = self._server_root / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not (source / "libtriton_python.so").is_file():
+            raise TritonServerError(f"Triton Python backend not found: {source}/libtriton_python.so")
+        if not stub.is_file():
+            if (source / "triton_python_backend_stub").is_file():
+                return self._server_root / "backends"  # stock Triton layout: stub already there
+            raise TritonServerError(
+                f"no Triton Python backend stub for Python {version}: {stub} does not exist"
+            )
+        backends = tmpdir / "backends"
+        target = backends / "python"
+        target.mkdir(parents=True)
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            (target / name).symlink_to(source / name)
+        shutil.copy2(stub, target / "triton_python_backend_stub")
+        # The copied stub loses its RPATH ($ORIGIN/../../../../nvidia_pytriton.libs): point the
+        # loader at the wheel's bundled libraries (libcudart...) as pytriton itself does.
+        libs = (stub.parent / "../../../../nvidia_pytriton.libs").resolve()
+        if libs.is_dir():
+            self._extra_lib_dirs = [libs]
+        return backends
+
+    async def start(self) -> None:
+        """Start tritonserver and wait until it reports ready; raise with its log otherwise."""
+        if self._process is not None:
+            raise TritonServerError("this TritonServer was already started")
+        if not self.model_repository.is_dir():
+            raise TritonServerError(f"model repository not found: {self.model_repository}")
+        self._tmpdir = Path(tempfile.mkdtemp(prefix="tdask-triton-"))
+        try:
+            await self._spawn()
+            await self._wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _spawn(self) -> None:
+        assert self._tmpdir is not None
+        backend_dir = self._make_backend_dir(self._tmpdir)
+        http, grpc, metrics = _free_ports(3, self.host)
+        self._ports = {"http": http, "grpc": grpc, "metrics": metrics}
+        self._log_path = self._requested_log_file or self._tmpdir / "tritonserver.log"
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        args = [
+            str(self.server_path),
+            f"--model-repository={self.model_repository}",
+            "--model-control-mode=explicit",
+            f"--backend-directory={backend_dir}",
+            f"--http-address={self.host}",
+            f"--http-port={http}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={grpc}",
+            "--allow-metrics=true",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={metrics}",
+            f"--log-verbose={self.log_verbose}",
+        ]
+        env = dict(os.environ)
+        # The Python stub takes its site-packages from the first python3 on PATH (it ignores
+        # PYTHONPATH): put this interpreter's bin directory first, always.
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        if self._extra_lib_dirs:
+            paths = [str(p) for p in self._extra_lib_dirs]
+            if env.get("LD_LIBRARY_PATH"):
+                paths.append(env["LD_LIBRARY_PATH"])
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(paths)
+        logger.info("starting tritonserver: %s", " ".join(args))
+        log_fd = os.open(self._log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                preexec_fn=_die_with_parent,
+                start_new_session=False,
+            )
+        finally:
+            os.close(log_fd)
+
+    async def _wait_ready(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self._process.returncode is not None:
+                raise TritonServerError(
+                    f"tritonserver exited with code {self._process.returncode} during startup; "
+                    f"log {self._log_path}:\n{_tail(self._log_path)}"
+                )
+            status = await _http_status(self.host, self._ports["http"], "/v2/health/ready")
+            if status == 200:
+                logger.info("tritonserver pid %s ready at %s", self.pid, self.grpc_url)
+                return
+            if time.monotonic() > deadline:
+                raise TritonServerError(
+                    f"tritonserver not ready after {self.startup_timeout:g} s; "
+                    f"log {self._log_path}:\n{_tail(self._log_path)}"
+                )
+            await asyncio.sleep(0.1)
+
+    async def stop(self, timeout: float = 10) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; remove the private files. Idempotent.
+
+        Await it on the loop that ran :meth:`start` (asyncio processes belong to their loop);
+        use :meth:`kill` where that loop is gone.
+        """
+        if self._grpc_client is not None:
+            client, self._grpc_client = self._grpc_client, None
+            try:
+                await client.close()
+            except Exception:
+                logger.debug("closing the control client failed", exc_info=True)
+        process = self._process
+        if process is not None and process.returncode is None:
+            try:
+                process.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(process.wait(), timeout)
+            except ProcessLookupError:
+                pass
+            except TimeoutError:
+                logger.warning("tritonserver pid %s ignored SIGTERM for %g s; killing", process.pid, timeout)
+                try:
+                    process.kill()
+                except ProcessLookupError:
+                    pass
+                await process.wait()
+        self._cleanup_files()
+
+    def kill(self) -> None:
+        """Synchronous SIGKILL for atexit-style cleanup, where no event loop may be running."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            try:
+                os.kill(process.pid, signal.SIGKILL)
+                os.waitpid(process.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        self._cleanup_files()
+
+    def _cleanup_files(self) -> None:
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+            if self._requested_log_file is None:
+                self._log_path = None
+
+    # ------------------------------------------------------------------ models
+    def _client(self) -> Any:
+        if self._grpc_client is None:
+            import tritonclient.grpc.aio as grpcclient
+
+            self._grpc_client = grpcclient.InferenceServerClient(self.grpc_url)
+        return self._grpc_client
+
+    async def load_model(
+        self, name: str, config: dict | None = None, *, timeout: float | None = 300.0
+    ) -> None:
+        """Load (or reload) a model; ``config`` is the full model config as a dict.
+
+        ``timeout`` bounds the wait: a Python-backend stub that never comes up would otherwise
+        hold the caller for as long as Triton keeps retrying.
+        """
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            await self._client().load_model(
+                name,
+                config=json.dumps(config) if config is not None else None,
+                client_timeout=timeout,
+            )
+        except InferenceServerException as exc:
+            raise TritonServerError(
+                f"failed to load model {name!r}: {exc.message()}; "
+                f"log {self._log_path}:\n{_tail(self._log_path)}"
+            ) from exc
+        logger.info("loaded model %s on tritonserver pid %s", name, self.pid)
+
+    async def unload_model(self, name: str) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            await self._client().unload_model(name)
+        except InferenceServerException as exc:
+            raise TritonServerError(f"failed to unload model {name!r}: {exc.message()}") from exc
+
+    async def model_config(self, name: str) -> dict:
+        """The config Triton actually serves (after auto-complete and merging)."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            result = await self._client().get_model_config(name, as_json=True)
+        except InferenceServerException as exc:
+            raise TritonServerError(f"no config for model {name!r}: {exc.message()}") from exc
+        return result.get("config", result)
+
+    async def model_statistics(self, name: str, version: str = "") -> dict:
+        """Triton's per-model statistics, as Triton's JSON (int64 counters arrive as strings)."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return await self._client().get_inference_statistics(name, version, as_json=True)
+        except InferenceServerException as exc:
+            raise TritonServerError(f"no statistics for model {name!r}: {exc.message()}") from exc
+
+
+def success_count(statistics: dict) -> int:
+    """Successful inferences summed over every version in a :meth:`model_statistics` result."""
+    total = 0
+    for entry in statistics.get("model_stats", []):
+        total += int(entry.get("inference_stats", {}).get("success", {}).get("count", 0) or 0)
+    return total

@@ -1,0 +1,200 @@
+"""The hello-world pipeline on a real cluster with real Triton servers, and proof of the real path."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+
+from tdask import (
+    Deployment,
+    InvalidRequestError,
+    OperatorConfig,
+    OperatorNotFoundError,
+    PlacementError,
+    TensorRef,
+    TritonError,
+)
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def triton_successes(hello_world, operator: str) -> int:
+    """Successful inferences of ``operator`` summed over the Triton servers of its replicas."""
+    total = 0
+    seen = set()
+    for info in hello_world.replicas:
+        if info["name"] != operator or info["triton_grpc"] in seen:
+            continue
+        seen.add(info["triton_grpc"])
+        c = grpcclient.InferenceServerClient(info["triton_grpc"])
+        stats = c.get_inference_statistics(operator, as_json=True)
+        c.close()
+        for model in stats.get("model_stats", []):
+            total += int(model["inference_stats"]["success"].get("count", 0))
+    return total
+
+
+def infer(loop, session, operator, inputs, parameters=None, **kw):
+    async def go():
+        op = await session.operator(operator)
+        return await op.infer(inputs, parameters, **kw)
+
+    return loop.run(go())
+
+
+def test_pipeline_returns_each_input_and_triton_counted_exactly_n(loop, session, hello_world):
+    before = {op: triton_successes(hello_world, op) for op in ("encoder", "decoder")}
+    rng = np.random.default_rng(1)
+    inputs = [rng.integers(-(2**40), 2**40, size=n, dtype=np.int64) for n in (1000, 0, 1, 17, 1000, 5, 999, 3, 2, 64)]
+
+    async def go():
+        op = await session.operator("encoder_decoder")
+        return await asyncio.gather(*(op.infer({"input": x}) for x in inputs))
+
+    results = loop.run(go())
+    for x, r in zip(inputs, results):
+        assert r["output"].dtype == np.int64
+        assert np.array_equal(r["output"], x)
+    after = {op: triton_successes(hello_world, op) for op in ("encoder", "decoder")}
+    assert after["encoder"] - before["encoder"] == len(inputs)
+    assert after["decoder"] - before["decoder"] == len(inputs)
+
+
+def test_triton_servers_are_processes_tdask_started_for_their_workers(loop, client, hello_world):
+    worker_pids = loop.run(lambda: client.run(os.getpid))
+    for info in hello_world.replicas:
+        if info["name"] not in ("encoder", "decoder"):
+            continue
+        server = psutil.Process(info["triton_pid"])
+        assert server.name() == "tritonserver"
+        assert server.ppid() == worker_pids[info["worker"]], "Triton must be a child of the replica's worker"
+
+
+@pytest.mark.parametrize("copies", [1, 2, 3])
+def test_encoder_raw_output_is_repeated_then_inverted(loop, session, hello_world, copies):
+    x = np.array([0, 1, 2, 3, 4], dtype=np.int64)
+    enc = infer(loop, session, "encoder", {"input": x}, {"input_copies": copies})
+    assert np.array_equal(enc["output"], ~np.repeat(x, copies))
+    assert enc["input_copies"].tolist() == [copies]
+    dec = infer(loop, session, "decoder", {"input": enc["output"]}, {"input_copies": copies})
+    assert np.array_equal(dec["output"], x)
+    # the whole pipeline round-trips for every input_copies
+    out = infer(loop, session, "encoder_decoder", {"input": x}, {"input_copies": copies})
+    assert np.array_equal(out["output"], x)
+
+
+def test_per_request_delay_is_applied(loop, session, hello_world):
+    x = np.arange(20, dtype=np.int64)
+    start = time.perf_counter()
+    out = infer(loop, session, "encoder", {"input": x}, {"delay": 0.01})
+    elapsed = time.perf_counter() - start
+    assert np.array_equal(out["output"], ~x)
+    assert elapsed >= 0.2  # 20 elements x 10 ms: a lower bound set by the model's sleep
+
+
+class FrameCounter:
+    """Counts every byte this process receives over Dask's TCP comms (hooks the frame decoder)."""
+
+    def __init__(self, monkeypatch):
+        import distributed.comm.tcp as tcp
+
+        self.total = 0
+        original = tcp.from_frames
+
+        async def counting(frames, *args, **kwargs):
+            self.total += sum(memoryview(f).nbytes for f in frames)
+            return await original(frames, *args, **kwargs)
+
+        monkeypatch.setattr(tcp, "from_frames", counting)
+
+
+def test_a_future_passed_to_the_next_operator_moves_worker_to_worker(loop, session, hello_world, monkeypatch):
+    counter = FrameCounter(monkeypatch)
+    read_bytes = lambda: counter.total  # noqa: E731
+    x = np.arange(1_000_000, dtype=np.int64)  # 8 MB
+
+    async def chain():
+        enc, dec = await session.operator("encoder"), await session.operator("decoder")
+        f1 = enc.infer({"input": x}, {"input_copies": 2}, keep=True)
+        f2 = dec.infer({"input": f1.output("output")}, {"input_copies": 2}, keep=True)
+        return await f1, await f2
+
+    start = read_bytes()
+    r1, r2 = loop.run(chain())
+    received = read_bytes() - start
+    assert isinstance(r1["output"], TensorRef) and r1["output"].nbytes == 16_000_000
+    assert isinstance(r2["output"], TensorRef)
+    assert received < 1_000_000, f"the caller read {received} bytes: tensors went through it"
+    start = read_bytes()
+    out = loop.run(r2.fetch("output"))
+    assert read_bytes() - start >= 8_000_000  # the measurement does see tensors that do come here
+    assert np.array_equal(out, x)
+
+
+def test_two_replicas_of_an_operator_both_receive_work(loop, session, hello_world):
+    encoders = {i["replica"]: i for i in hello_world.replicas if i["name"] == "encoder"}
+    assert len(encoders) == 2 and len({i["worker"] for i in encoders.values()}) == 2
+
+    async def go():
+        op = await session.operator("encoder")
+        return await asyncio.gather(*(op.infer({"input": np.arange(10)}) for _ in range(20)))
+
+    answered_by = {r.replica for r in loop.run(go())}
+    assert answered_by == set(encoders)
+
+
+def test_wrong_dtype_is_tritons_clear_error_and_service_goes_on(loop, session, hello_world):
+    with pytest.raises(TritonError, match="INT64"):
+        infer(loop, session, "encoder", {"input": np.arange(5, dtype=np.float32)})
+    with pytest.raises(TritonError, match="INT64"):
+        infer(loop, session, "encoder_decoder", {"input": np.arange(5, dtype=np.float32)})
+    assert np.array_equal(infer(loop, session, "encoder_decoder", {"input": np.arange(5)})["output"], np.arange(5))
+
+
+def test_missing_input_is_a_clear_error(loop, session, hello_world):
+    with pytest.raises(TritonError, match="input"):
+        infer(loop, session, "encoder", {})
+    with pytest.raises(InvalidRequestError, match="missing input tensor 'input'"):
+        infer(loop, session, "encoder_decoder", {"wrong_name": np.arange(3)})
+    assert np.array_equal(infer(loop, session, "encoder_decoder", {"input": np.arange(3)})["output"], np.arange(3))
+
+
+def test_non_tensor_inputs_and_bad_parameters_are_rejected(loop, session, hello_world):
+    with pytest.raises(InvalidRequestError, match="must be an array"):
+        infer(loop, session, "encoder", {"input": "not a tensor"})
+    with pytest.raises(InvalidRequestError, match="parameter 'input_copies' must be"):
+        infer(loop, session, "encoder", {"input": np.arange(3)}, {"input_copies": [1, 2]})
+    with pytest.raises(TritonError, match="input_copies"):
+        infer(loop, session, "encoder", {"input": np.arange(3)}, {"input_copies": "abc"})
+
+
+def test_unknown_operator_and_version_are_clear_errors(loop, session, hello_world):
+    with pytest.raises(OperatorNotFoundError, match="no operator named 'nope'.*encoder"):
+        loop.run(session.operator("nope"))
+    with pytest.raises(OperatorNotFoundError, match="has no version 7"):
+        loop.run(session.operator("encoder", 7))
+
+
+def test_unknown_resource_fails_at_once_and_service_goes_on(loop, client, session, hello_world):
+    deployment = Deployment(client, [OperatorConfig("other", "sample_operators:Echo",
+                                                    repository=str(__import__("conftest").SUPPORT),
+                                                    resources={"TPU": 1})])
+    start = time.perf_counter()
+    with pytest.raises(PlacementError, match="TPU"):
+        loop.run(deployment.start(), timeout=60)
+    assert time.perf_counter() - start < 30  # an error, not a wait in no-worker
+    assert np.array_equal(infer(loop, session, "encoder_decoder", {"input": np.arange(4)})["output"], np.arange(4))
+
+
+def test_gpu_operator_without_a_gpu_worker_is_a_clear_error(loop, client, hello_world):
+    from conftest import MODELS
+
+    deployment = Deployment(client, [OperatorConfig("encoder_gpu", repository=MODELS, device="GPU")])
+    with pytest.raises(PlacementError, match="GPU"):
+        loop.run(deployment.start(), timeout=60)

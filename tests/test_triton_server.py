@@ -1,0 +1,266 @@
+"""Integration tests against a real tritonserver started by :class:`tdask.triton_server.TritonServer`.
+
+One server per module (startup and model loads cost seconds on 2 cores); each test runs its
+coroutine on one module-scoped event loop, because the server's process and gRPC channels
+belong to the loop that created them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+from tdask.errors import InvalidRequestError, TritonError, TritonServerError
+from tdask.triton_client import TritonModelClient
+from tdask.triton_config import merge_model_config, read_model_config
+from tdask.triton_server import TritonServer, pytriton_server_root, success_count
+
+pytestmark = pytest.mark.timeout(300)
+
+REPOSITORY = Path(__file__).resolve().parents[1] / "operators" / "triton_core_models"
+
+
+class Env:
+    """The module's loop, server and client."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = TritonServer(REPOSITORY)
+        self.client = TritonModelClient("")
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def infer(self, model: str, data: np.ndarray, **kwargs: Any) -> dict[str, np.ndarray]:
+        return self.run(self.client.infer(model, {"input": data}, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    e = Env()
+    try:
+        e.run(e.server.start())
+        e.client = TritonModelClient(e.server.grpc_url)
+        for name in ("encoder", "decoder"):
+            config = merge_model_config(
+                read_model_config(REPOSITORY, name),
+                name=name,
+                instance_count=2,
+                parameters={"input_copies": 2},
+            )
+            e.run(e.server.load_model(name, config))
+        yield e
+    finally:
+        e.run(e.client.close())
+        e.run(e.server.stop())
+        e.loop.close()
+
+
+def test_server_is_a_child_process_we_started(env: Env) -> None:
+    assert env.server.is_alive()
+    process = psutil.Process(env.server.pid)
+    assert process.ppid() == os.getpid()
+    assert "tritonserver" in process.name()
+    assert env.server.grpc_url.startswith("127.0.0.1:")
+    assert env.server.metrics_url.endswith("/metrics")
+
+
+def test_models_loaded_with_merged_config(env: Env) -> None:
+    for name in ("encoder", "decoder"):
+        config = env.run(env.server.model_config(name))
+        assert config["name"] == name
+        assert config["backend"] == "python"
+        assert config["instance_group"][0]["count"] == 2
+        assert config["instance_group"][0]["kind"] == "KIND_CPU"
+        assert config["parameters"]["input_copies"] == {"string_value": "2"}
+        assert config["input"][0]["data_type"] == "TYPE_INT64"  # from auto_complete_config
+
+
+def test_config_parameter_is_the_default(env: Env) -> None:
+    result = env.infer("encoder", np.array([0, 1, 2], dtype=np.int64))
+    np.testing.assert_array_equal(result["output"], ~np.array([0, 0, 1, 1, 2, 2]))
+    np.testing.assert_array_equal(result["input_copies"], [2])
+
+
+@pytest.mark.parametrize("copies", [1, 2, 3])
+def test_encoder_raw_output_repeats_then_inverts(env: Env, copies: int) -> None:
+    x = np.array([0, 1, 2, 3, 4], dtype=np.int64)
+    result = env.infer("encoder", x, parameters={"input_copies": copies})
+    expected = ~np.repeat(x, copies)
+    np.testing.assert_array_equal(result["output"], expected)
+    assert result["output"].dtype == np.int64
+    np.testing.assert_array_equal(result["input_copies"], [copies])
+    assert result["input_copies"].dtype == np.int64
+
+
+@pytest.mark.parametrize("copies", [1, 2, 3])
+@pytest.mark.parametrize("size", [0, 1, 1000])
+def test_decoder_inverts_encoder(env: Env, copies: int, size: int) -> None:
+    x = np.random.default_rng(size).integers(-(2**40), 2**40, size, dtype=np.int64)
+    encoded = env.infer("encoder", x, parameters={"input_copies": str(copies)})
+    assert encoded["output"].shape == (size * copies,)
+    decoded = env.infer("decoder", encoded["output"], parameters={"input_copies": copies})
+    assert decoded["output"].shape == (size,)
+    np.testing.assert_array_equal(decoded["output"], x)
+
+
+def test_per_request_delay_is_per_element(env: Env) -> None:
+    x = np.arange(10, dtype=np.int64)
+    start = time.monotonic()
+    env.infer("encoder", x, parameters={"delay": 0.01})
+    assert time.monotonic() - start >= 0.1
+
+
+def test_wrong_dtype_keeps_tritons_message(env: Env) -> None:
+    with pytest.raises(TritonError, match="INT64") as info:
+        env.infer("encoder", np.arange(3, dtype=np.float32))
+    assert "FP32" in str(info.value)
+    assert str(info.value).startswith("encoder: ")
+
+
+def test_missing_input_is_a_clear_error(env: Env) -> None:
+    with pytest.raises(TritonError, match="input"):
+        env.run(env.client.infer("encoder", {}))
+
+
+def test_unsupported_numpy_dtype_is_an_invalid_request(env: Env) -> None:
+    with pytest.raises(InvalidRequestError, match="complex"):
+        env.infer("encoder", np.zeros(3, dtype=np.complex64))
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"input_copies": "abc"}, "parameter 'input_copies' must be a positive integer, got 'abc'"),
+        ({"input_copies": 0}, "parameter 'input_copies' must be a positive integer, got 0"),
+        ({"delay": "soon"}, "parameter 'delay' must be a non-negative number"),
+        ({"delay": -1}, "parameter 'delay' must be a non-negative number"),
+    ],
+)
+def test_bad_parameter_is_a_clear_error(env: Env, parameters: dict, message: str) -> None:
+    with pytest.raises(TritonError) as info:
+        env.infer("encoder", np.arange(3, dtype=np.int64), parameters=parameters)
+    assert message in str(info.value)
+
+
+def test_decoder_rejects_length_not_a_multiple(env: Env) -> None:
+    with pytest.raises(TritonError, match="not a multiple of input_copies=2"):
+        env.infer("decoder", np.arange(5, dtype=np.int64))
+
+
+def test_one_bad_request_does_not_fail_the_others(env: Env) -> None:
+    x = np.arange(4, dtype=np.int64)
+
+    async def many() -> list[Any]:
+        calls = [
+            env.client.infer("encoder", {"input": x}, parameters={"input_copies": c})
+            for c in (1, "bad", 3, 2, "bad")
+        ]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = env.run(many())
+    assert [isinstance(r, TritonError) for r in results] == [False, True, False, False, True]
+    np.testing.assert_array_equal(results[2]["output"], ~np.repeat(x, 3))
+
+
+def test_statistics_rise_by_exactly_the_requests_sent(env: Env) -> None:
+    before = success_count(env.run(env.server.model_statistics("encoder")))
+    for _ in range(7):
+        env.infer("encoder", np.arange(3, dtype=np.int64))
+    after = success_count(env.run(env.server.model_statistics("encoder")))
+    assert after - before == 7
+
+
+def test_load_failure_raises_with_tritons_message(env: Env) -> None:
+    with pytest.raises(TritonServerError, match="no_such_model"):
+        env.run(env.server.load_model("no_such_model"))
+
+
+def test_stop_leaves_no_tritonserver(env: Env) -> None:
+    """Runs last in this module: stops the shared server."""
+    pid = env.server.pid
+    assert pid is not None
+    env.run(env.client.close())
+    env.run(env.server.stop())
+    env.run(env.server.stop())  # idempotent
+    assert not env.server.is_alive()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    # only this process's direct children: other tests' workers may run their own servers
+    children = [p for p in psutil.Process().children(recursive=False)
+                if "tritonserver" in p.name() and p.status() != psutil.STATUS_ZOMBIE]
+    assert children == []
+
+
+def test_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TritonServerError, match="not found"):
+        TritonServer(REPOSITORY, server_path=str(tmp_path / "tritonserver"))
+
+
+def test_startup_failure_reports_the_log(tmp_path: Path) -> None:
+    real_root = pytriton_server_root()
+    for part in ("backends", "python_backend_stubs"):
+        (tmp_path / part).symlink_to(real_root / part)
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "tritonserver"
+    fake.write_text("#!/bin/sh\necho 'boom: cannot start' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    server = TritonServer(REPOSITORY, server_path=str(fake))
+    with pytest.raises(TritonServerError) as info:
+        asyncio.run(server.start())
+    message = str(info.value)
+    assert "exited with code 3" in message
+    assert "boom: cannot start" in message
+    assert not server.is_alive()
+
+
+def test_server_dies_with_its_sigkilled_parent(tmp_path: Path) -> None:
+    """The PR_SET_PDEATHSIG orphan guard: a SIGKILLed owner takes its tritonserver along."""
+    script = (
+        "import asyncio, sys\n"
+        "from tdask.triton_server import TritonServer\n"
+        "async def main():\n"
+        f"    server = TritonServer({str(REPOSITORY)!r})\n"
+        "    await server.start()\n"
+        "    print(server.pid, flush=True)\n"
+        "    await asyncio.sleep(120)\n"
+        "asyncio.run(main())\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        "TMPDIR": str(tmp_path),  # the killed owner cannot remove its backend directory
+    }
+    owner = psutil.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+    try:
+        line = owner.stdout.readline()
+        assert line.strip().isdigit(), line
+        pid = int(line)
+        assert psutil.Process(pid).ppid() == owner.pid
+        owner.kill()
+        owner.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            pytest.fail("tritonserver outlived its SIGKILLed owner")
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+        owner.stdout.close()
