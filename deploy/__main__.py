@@ -222,10 +222,11 @@ async def serve(args: argparse.Namespace) -> int:
                 exit_code = 1
             finally:
                 await deployment.stop()
-                try:
-                    await client.unregister_worker_plugin(TdaskWorkerSetup.name)
-                except Exception:
-                    pass
+                if cluster is None:  # user's workers keep running, without our plugin
+                    try:
+                        await client.unregister_worker_plugin(TdaskWorkerSetup.name)
+                    except Exception as e:
+                        logger.warning("removing the worker plugin: %r", e)
     finally:
         if cluster is not None:
             await cluster.close()

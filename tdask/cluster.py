@@ -92,6 +92,7 @@ async def start_embedded_cluster(
         dashboard_address=dashboard_address,
         security=security,
         asynchronous=True,
+        preload=["tdask._embedded_worker"],
         **kwargs,
     )
     if gpus:

@@ -251,7 +251,10 @@ class TritonServer:
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
                 preexec_fn=_die_with_parent,
-                start_new_session=False,
+                # Own session: a terminal's Ctrl-C (sent to the whole foreground process
+                # group) must not kill Triton under in-flight requests; tdask stops it, and
+                # PR_SET_PDEATHSIG still takes it down if its worker dies.
+                start_new_session=True,
             )
         finally:
             os.close(log_fd)

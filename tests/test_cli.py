@@ -1,0 +1,174 @@
+"""``python -m deploy`` and ``python -m tdask.client`` as real processes, also on ``dask scheduler``/``dask worker``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import ROOT, python_env, tritonservers
+
+pytestmark = pytest.mark.timeout(600)
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A subprocess whose output goes to a file we can wait on."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str], new_group: bool = True) -> None:
+        self.log = log
+        self.file = open(log, "w")
+        self.p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.file, stderr=subprocess.STDOUT,
+                                  start_new_session=new_group)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, needle: str, timeout: float = 180) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            if needle in self.text():
+                return
+            if self.p.poll() is not None:
+                raise AssertionError(f"process exited ({self.p.returncode}) before {needle!r}:\n{self.text()[-3000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"no {needle!r} within {timeout} s:\n{self.text()[-3000:]}")
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.p.pid).children(recursive=True)
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(30)
+        self.file.close()
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def run_client(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "tdask.client", "--no-progress", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def check_client_output(result: subprocess.CompletedProcess, n: int) -> None:
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert lines[-1] == "Clients Stopped Exit Code 0"
+    assert lines[-2].startswith("Throughput: ") and " Total Time: " in lines[-2]
+    assert f"Requests: {n} Errors: 0" in result.stdout
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_deploy_embedded_then_client_then_clean_exit(tmp_path, how):
+    env = python_env(DASK_TDASK__ADDRESS_FILE=str(tmp_path / "addr.json"))
+    log_dir = tmp_path / "logs"
+    deploy = Proc([PY, "-m", "deploy", "--scheduler-port", "0", "--dashboard-address", ":0",
+                   "--log-dir", str(log_dir), "--clear-logs"], tmp_path / "deploy.log", env)
+    try:
+        deploy.wait_for("press Ctrl-C to Exit")
+        out = deploy.text()
+        for name in ("encoder", "decoder", "encoder_decoder"):
+            assert f"Started {name} replica" in out
+        assert "device CPU, model instances 1, max in-flight 1" in out
+        # the client finds the embedded scheduler through the address file deploy wrote
+        result = run_client(env, "--requests-per-client", "10")
+        check_client_output(result, 10)
+        logs = sorted(p.name for p in log_dir.iterdir())
+        assert sum(n.startswith("worker-") for n in logs) == 3 and sum(n.startswith("triton-") for n in logs) == 2
+        children = deploy.descendants()
+        servers = [p for p in children if p.name() == "tritonserver"]
+        assert len(servers) == 2
+        if how == "ctrl-c":  # a terminal signals the whole process group
+            os.killpg(deploy.p.pid, signal.SIGINT)
+        else:
+            deploy.p.send_signal(signal.SIGTERM)
+        assert deploy.p.wait(120) == 0, deploy.text()[-3000:]
+        time.sleep(1)
+        assert alive(children) == [], f"left behind: {[p.cmdline()[:3] for p in alive(children)]}"
+        assert not (tmp_path / "addr.json").exists()
+    finally:
+        deploy.stop()
+
+
+def test_client_exits_non_zero_when_requests_fail(tmp_path):
+    env = python_env(DASK_TDASK__ADDRESS_FILE=str(tmp_path / "none.json"))
+    result = run_client(env, "--scheduler-address", f"tcp://127.0.0.1:{free_port()}", "--requests-per-client", "1",
+                        timeout=120)
+    assert result.returncode != 0
+    assert "cannot reach the scheduler" in result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("Clients Stopped Exit Code ")
+
+
+def test_dask_scheduler_and_worker_clis_with_deploy_and_client(tmp_path):
+    env = python_env(DASK_TDASK__ADDRESS_FILE=str(tmp_path / "addr.json"))
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask_bin = os.path.join(os.path.dirname(PY), "dask")
+    scheduler = Proc([dask_bin, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+                     tmp_path / "scheduler.log", env)
+    workers = []
+    try:
+        scheduler.wait_for("Scheduler at:")
+        for i, resources in enumerate(["CPU=1", "CPU=1", "CPU=1"]):
+            workers.append(Proc([dask_bin, "worker", address, "--nthreads", "1", "--name", f"w{i}",
+                                 "--resources", resources, "--host", "127.0.0.1"], tmp_path / f"worker{i}.log", env))
+        for w in workers:
+            w.wait_for("Starting established connection")
+        deploy = Proc([PY, "-m", "deploy", "--scheduler-address", address, "--log-dir", str(tmp_path / "logs")],
+                      tmp_path / "deploy.log", env)
+        try:
+            deploy.wait_for("press Ctrl-C to Exit")
+            check_client_output(run_client(env, "--scheduler-address", address, "--requests-per-client", "10"), 10)
+            servers = {p.pid for w in workers for p in w.descendants() if p.name() == "tritonserver"}
+            assert len(servers) == 2, "Triton servers run under the user's workers"
+            deploy.p.send_signal(signal.SIGTERM)
+            assert deploy.p.wait(120) == 0, deploy.text()[-3000:]
+            end = time.time() + 30
+            while time.time() < end and servers & tritonservers():
+                time.sleep(0.5)
+            assert not servers & tritonservers(), "deploy must stop the Triton servers it started"
+            assert all(w.p.poll() is None for w in workers), "the user's workers keep running"
+            # and they are still usable: a second deploy works on them
+            again = Proc([PY, "-m", "deploy", "--scheduler-address", address], tmp_path / "deploy2.log", env)
+            try:
+                again.wait_for("press Ctrl-C to Exit")
+                check_client_output(run_client(env, "--scheduler-address", address, "--requests-per-client", "5"), 5)
+                again.p.send_signal(signal.SIGINT)
+                assert again.p.wait(120) == 0
+            finally:
+                again.stop()
+        finally:
+            deploy.stop()
+    finally:
+        for w in workers:
+            w.p.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.p.wait(60)
+            finally:
+                w.stop()
+        scheduler.p.send_signal(signal.SIGTERM)
+        scheduler.p.wait(60)
+        scheduler.stop()
