@@ -128,6 +128,7 @@ class Replica:
                 f"{stats.inflight} in flight and {stats.queued} queued (max-queue-size {self.max_queue})"
             )
         started = time.perf_counter()
+        logger.debug("request %s: %s replica %s received", request_id, self.config.name, self.replica_id)
         stats.queued += 1
         self._idle.clear()
         try:
@@ -138,14 +139,18 @@ class Replica:
                     outputs = await self._execute(request_id, inputs, parameters)
                 finally:
                     stats.inflight -= 1
-        except BaseException:
+        except BaseException as e:
             stats.failed += 1
+            logger.debug("request %s: %s replica %s failed: %r", request_id, self.config.name, self.replica_id, e)
             raise
         finally:
             if stats.queued == 0 and stats.inflight == 0:
                 self._idle.set()
         stats.completed += 1
-        stats.latencies.append((time.time(), time.perf_counter() - started))
+        elapsed = time.perf_counter() - started
+        stats.latencies.append((time.time(), elapsed))
+        logger.debug("request %s: %s replica %s answered in %.2f ms", request_id, self.config.name,
+                     self.replica_id, elapsed * 1e3)
         return outputs
 
     async def _execute(self, request_id: str, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:

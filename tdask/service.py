@@ -54,6 +54,7 @@ class WorkerService:
         self.streams: set[Any] = set()
         worker.handlers["tdask_stream"] = self.handle_stream
         worker.handlers["tdask_fetch"] = self.handle_fetch
+        worker.handlers["tdask_stats"] = self.handle_stats
 
     @classmethod
     def of(cls, worker: Any) -> WorkerService:
@@ -134,6 +135,17 @@ class WorkerService:
             else:
                 encoded[name] = to_serialize(value)
         return encoded
+
+    def handle_stats(self) -> dict[str, Any]:
+        """Every replica's counters here, plus this worker's Triton servers (dashboard, /metrics)."""
+        return {
+            "replicas": {rid: r.get_stats() for rid, r in self.replicas.items()},
+            "triton": [
+                {"pid": s.pid, "grpc": s.grpc_url, "metrics": s.metrics_url, "alive": s.is_alive()}
+                for s in self.triton_servers.values()
+            ],
+            "store": {"tensors": len(self.store), "bytes": self.store.nbytes},
+        }
 
     # -- kept outputs ----------------------------------------------------------------
     async def handle_fetch(self, keys: list[str], release: bool = False) -> dict[str, Any]:
