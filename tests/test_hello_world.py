@@ -58,7 +58,7 @@ def test_pipeline_returns_each_input_and_triton_counted_exactly_n(loop, session,
         return await asyncio.gather(*(op.infer({"input": x}) for x in inputs))
 
     results = loop.run(go())
-    for x, r in zip(inputs, results):
+    for x, r in zip(inputs, results, strict=True):
         assert r["output"].dtype == np.int64
         assert np.array_equal(r["output"], x)
     after = {op: triton_successes(hello_world, op) for op in ("encoder", "decoder")}
