@@ -18,6 +18,7 @@ from tdask.errors import (
     ReplicaUnavailableError,
     TdaskError,
 )
+from tdask.metrics import LatencyLog
 from tdask.operator import Operator, OperatorConfig, OperatorContext, Request
 from tdask.tensors import is_array, nbytes
 
@@ -33,7 +34,8 @@ class ReplicaStats:
         self.rejected = 0
         self.inflight = 0
         self.queued = 0
-        self.latencies: deque[tuple[float, float]] = deque(maxlen=4096)  # (finished at, seconds)
+        # (finished at, seconds); also counts every sample in a cumulative histogram (for /metrics)
+        self.latencies: deque[tuple[float, float]] = LatencyLog(maxlen=4096)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -43,6 +45,7 @@ class ReplicaStats:
             "inflight": self.inflight,
             "queued": self.queued,
             "latencies": list(self.latencies),
+            "latency_histogram": self.latencies.histogram(),
         }
 
 
