@@ -20,8 +20,9 @@ setup() {
     fi
     local stamp="$VENV/.tdask-installed-$extra"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        "$PY" -m pip install -q --upgrade pip
-        "$PY" -m pip install -q -e ".[$extra]"
+        echo "Installing tdask and its dependencies into $VENV (log: $VENV/pip.log) ..."
+        { "$PY" -m pip install --upgrade pip && "$PY" -m pip install -e ".[$extra]"; } >"$VENV/pip.log" 2>&1 \
+            || { tail -50 "$VENV/pip.log"; exit 1; }
         touch "$stamp"
     fi
     # Triton's Python stub takes its site-packages from the first python3 on PATH
