@@ -1,0 +1,1 @@
+"""tdask benchmarks: ``python -m benchmarks`` (see benchmarks/README.md)."""

@@ -1,0 +1,188 @@
+"""Shared pieces of the benchmarks: argument helpers, percentiles, tables, JSON and PNG output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def int_list(text: str) -> list[int]:
+    """``"1,4,16"`` -> ``[1, 4, 16]``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else None
+
+
+@dataclass
+class Measurement:
+    """Requests completed by one system in one cell (possibly several interleaved rounds)."""
+
+    system: str
+    latencies: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+    errors: int = 0
+    first_error: str | None = None
+
+    def add(self, latencies: list[float], elapsed: float, errors: int, first_error: str | None) -> None:
+        self.latencies.extend(latencies)
+        self.elapsed += elapsed
+        self.errors += errors
+        if self.first_error is None:
+            self.first_error = first_error
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.latencies)
+        return {
+            "system": self.system,
+            "requests": n,
+            "errors": self.errors,
+            "first_error": self.first_error,
+            "seconds": round(self.elapsed, 4),
+            "throughput": round(n / self.elapsed, 2) if self.elapsed > 0 else None,
+            "p50_ms": _ms(percentile(self.latencies, 50)),
+            "p99_ms": _ms(percentile(self.latencies, 99)),
+        }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+
+
+def print_table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]], title: str = "") -> str:
+    """Print (and return) a Markdown table of ``rows`` with ``columns`` = [(key, header)]."""
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+
+    lines = []
+    if title:
+        lines.append(f"### {title}")
+        lines.append("")
+    lines.append("| " + " | ".join(h for _, h in columns) + " |")
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(k)) for k, _ in columns) + " |")
+    text = "\n".join(lines)
+    print(text + "\n", flush=True)
+    return text
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_default))
+    os.replace(tmp, path)
+    return path
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if hasattr(o, "__dataclass_fields__"):
+        return asdict(o)
+    return str(o)
+
+
+def plot(path: Path, results: dict[str, Any]) -> Path:
+    """Throughput vs concurrency and p50/p99 latency per size, plus scaling, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = results.get("cells", [])
+    sizes = sorted({c["size"] for c in cells})
+    scaling = results.get("scaling", [])
+    ncols = len(sizes) + (1 if scaling else 0)
+    fig, axes = plt.subplots(2, max(1, ncols), figsize=(5.2 * max(1, ncols), 8), squeeze=False)
+    colors = {"direct": "tab:gray", "tdask_pipeline": "tab:blue", "tdask_chained": "tab:orange"}
+    for col, size in enumerate(sizes):
+        mine = [c for c in cells if c["size"] == size]
+        conc = sorted({c["concurrency"] for c in mine})
+        ax_t, ax_l = axes[0][col], axes[1][col]
+        for system, color in colors.items():
+            thr, p50, p99 = [], [], []
+            for c in conc:
+                cell = next(x for x in mine if x["concurrency"] == c)
+                s = cell["systems"].get(system, {})
+                thr.append(s.get("throughput") or np.nan)
+                p50.append(s.get("p50_ms") or np.nan)
+                p99.append(s.get("p99_ms") or np.nan)
+            ax_t.plot(conc, thr, "o-", color=color, label=system)
+            ax_l.plot(conc, p50, "o-", color=color, label=f"{system} p50")
+            ax_l.plot(conc, p99, "x--", color=color, label=f"{system} p99")
+        for ax in (ax_t, ax_l):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(conc, [str(c) for c in conc])
+            ax.set_xlabel("concurrency")
+            ax.grid(alpha=0.3)
+        ax_t.set_title(f"{size:,} int64 elements: throughput")
+        ax_t.set_ylabel("pipelines / s")
+        ax_l.set_title(f"{size:,} int64 elements: latency")
+        ax_l.set_ylabel("ms")
+        ax_l.set_yscale("log")
+        ax_t.legend(fontsize=8)
+        ax_l.legend(fontsize=7)
+    if scaling:
+        ax_t, ax_l = axes[0][-1], axes[1][-1]
+        ns = [s["replicas"] for s in scaling]
+        for system, color in (("direct", "tab:gray"), ("tdask_pipeline", "tab:blue")):
+            ax_t.plot(ns, [s["systems"].get(system, {}).get("throughput") or np.nan for s in scaling], "o-",
+                      color=color, label=system)
+        base = scaling[0]["systems"].get("tdask_pipeline", {}).get("throughput") or np.nan
+        ax_t.plot(ns, [base * n / ns[0] for n in ns], ":", color="black", label="ideal (N x one replica)")
+        ax_t.set_title("scaling: replicas (instances) of encoder and decoder")
+        ax_t.set_xlabel("replicas")
+        ax_t.set_ylabel("pipelines / s")
+        ax_t.legend(fontsize=8)
+        ax_t.grid(alpha=0.3)
+        ax_l.plot(ns, [s.get("efficiency") or np.nan for s in scaling], "o-", color="tab:blue",
+                  label="tdask efficiency")
+        ax_l.axhline(0.9, color="red", ls=":", label="target 0.9")
+        ax_l.set_ylim(0, 1.2)
+        ax_l.set_title("scaling efficiency: thr(N) / (N * thr(1))")
+        ax_l.set_xlabel("replicas")
+        ax_l.legend(fontsize=8)
+        ax_l.grid(alpha=0.3)
+    fig.suptitle(results.get("title", "tdask vs direct Triton"))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

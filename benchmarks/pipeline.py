@@ -1,0 +1,459 @@
+"""Direct Triton (tritonclient gRPC) vs the tdask pipeline vs tdask chained futures, side by side.
+
+One run, one machine, the same ``operators/triton_core_models`` with the same instance counts:
+
+* ``direct``: one Triton server (started with :class:`tdask.triton_server.TritonServer`) hosting
+  encoder and decoder; each request calls encoder, then decoder with the returned
+  ``input_copies`` through one ``tritonclient.grpc.aio`` client, and checks the output.
+* ``tdask_pipeline``: the hello-world deployment (encoder, decoder, encoder_decoder, one worker
+  each) on an embedded cluster; requests go to ``encoder_decoder``.
+* ``tdask_chained``: the caller passes the encoder's future into the decoder call.
+
+Cells are measured interleaved (direct, pipeline, chained, repeated ``--rounds`` times) so the
+ratios come from the same conditions. Then scaling (1..N replicas of encoder and decoder, each
+model sleeping ``--scaling-delay-ms`` per request) and a memory run (peak RSS per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from benchmarks.common import RESULTS, Measurement, environment, int_list, plot, print_table, ratio, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+OPERATORS = ROOT / "operators"
+MODELS = OPERATORS / "triton_core_models"
+SYSTEMS = ("direct", "tdask_pipeline", "tdask_chained")
+
+Call = Callable[[np.ndarray], Awaitable[None]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--smoke", action="store_true",
+                   help="a seconds-long run of every part of the harness (numbers meaningless)")
+    p.add_argument("--sizes", type=int_list, default=None, help="int64 elements per request (default 1000,1000000)")
+    p.add_argument("--concurrency", type=int_list, default=None, help="requests in flight (default 1,4,16,64)")
+    p.add_argument("--duration", type=float, default=None, help="seconds per system per round and cell (default 3)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per cell (default 2)")
+    p.add_argument("--instances", type=int, default=2, help="Triton model instances of encoder and decoder (both sides)")
+    p.add_argument("--max-inflight", type=int, default=16, help="tdask max in-flight per encoder/decoder replica")
+    p.add_argument("--pipeline-max-inflight", type=int, default=256, help="tdask max in-flight of encoder_decoder")
+    p.add_argument("--scaling", type=int_list, default=None, help="replica counts for scaling (default 1,2,4,8)")
+    p.add_argument("--scaling-delay-ms", type=float, default=None,
+                   help="sleep per model call in the scaling run (default 10: 20 ms per request)")
+    p.add_argument("--scaling-size", type=int, default=1000, help="elements per scaling request")
+    p.add_argument("--memory-requests", type=int, default=None, help="requests of the memory run (default 100000)")
+    p.add_argument("--memory-concurrency", type=int, default=64)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: cells,scaling,memory")
+    p.add_argument("--output", default=None, help="JSON result file (default benchmarks/results/pipeline[-smoke].json)")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    smoke = args.smoke
+    defaults = {
+        "sizes": [1000, 200_000] if smoke else [1000, 1_000_000],
+        "concurrency": [1, 4] if smoke else [1, 4, 16, 64],
+        "duration": 0.25 if smoke else 3.0,
+        "rounds": 1 if smoke else 2,
+        "scaling": [1, 2] if smoke else [1, 2, 4, 8],
+        "scaling_delay_ms": 10.0,
+        "memory_requests": 200 if smoke else 100_000,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.output is None:
+        args.output = str(RESULTS / ("pipeline-smoke.json" if smoke else "pipeline.json"))
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    return args
+
+
+# -- load generation -------------------------------------------------------------------
+async def run_load(call: Call, x: np.ndarray, concurrency: int, duration: float | None = None,
+                   requests: int | None = None) -> tuple[list[float], float, int, str | None]:
+    """``concurrency`` loops calling ``call(x)`` until ``duration`` passed or ``requests`` were sent."""
+    latencies: list[float] = []
+    errors = 0
+    first_error: str | None = None
+    sent = 0
+    start = time.perf_counter()
+    deadline = start + duration if duration is not None else float("inf")
+
+    async def loop() -> None:
+        nonlocal errors, first_error, sent
+        while time.perf_counter() < deadline and (requests is None or sent < requests):
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                await call(x)
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                errors += 1
+                if first_error is None:
+                    first_error = f"{type(e).__name__}: {e}"[:500]
+                continue
+            latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - start, errors, first_error
+
+
+def check(x: np.ndarray, out: np.ndarray) -> None:
+    if out.shape != x.shape or not np.array_equal(out, x):
+        raise AssertionError(f"wrong output: shape {out.shape} vs {x.shape}")
+
+
+# -- the three systems -------------------------------------------------------------------
+class Direct:
+    """What a user would write without tdask: tritonclient's asyncio gRPC client, encoder then decoder."""
+
+    def __init__(self, url: str) -> None:
+        import tritonclient.grpc.aio as grpcclient
+
+        self.grpc = grpcclient
+        self.client = grpcclient.InferenceServerClient(url)
+
+    def _input(self, x: np.ndarray) -> Any:
+        inp = self.grpc.InferInput("input", list(x.shape), "INT64")
+        inp.set_data_from_numpy(x)
+        return inp
+
+    async def call(self, x: np.ndarray) -> None:
+        enc = await self.client.infer("encoder", [self._input(x)])
+        encoded = enc.as_numpy("output")
+        input_copies = int(enc.as_numpy("input_copies")[0])
+        dec = await self.client.infer("decoder", [self._input(encoded)], parameters={"input_copies": input_copies})
+        check(x, dec.as_numpy("output"))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class Tdask:
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    async def setup(self) -> None:
+        self.pipeline = await self.session.operator("encoder_decoder")
+        self.encoder = await self.session.operator("encoder")
+        self.decoder = await self.session.operator("decoder")
+
+    async def call_pipeline(self, x: np.ndarray) -> None:
+        result = await self.pipeline.infer({"input": x})
+        check(x, result["output"])
+
+    async def call_chained(self, x: np.ndarray) -> None:
+        encoded = self.encoder.infer({"input": x}, keep="auto")
+        input_copies = int((await encoded)["input_copies"][0])
+        result = await self.decoder.infer({"input": encoded.output("output")}, {"input_copies": input_copies})
+        check(x, result["output"])
+
+
+# -- setup --------------------------------------------------------------------------------
+async def load_direct_models(server: Any, instances: int, delay_s: float = 0.0) -> None:
+    from tdask.triton_config import merge_model_config, read_model_config
+
+    for name in ("encoder", "decoder"):
+        cfg = merge_model_config(read_model_config(MODELS, name), name=name, instance_count=instances,
+                                 device="CPU", parameters={"delay": delay_s} if delay_s else None)
+        await server.load_model(name, cfg)
+
+
+def tdask_configs(instances: int, max_inflight: int, pipeline_max_inflight: int, replicas: int = 1,
+                  delay_s: float = 0.0) -> list[Any]:
+    from tdask import OperatorConfig
+
+    params = {"delay": delay_s} if delay_s else {}
+    return [
+        OperatorConfig("encoder", "TritonCoreOperator", repository=MODELS, replicas=replicas,
+                       instances=instances, max_inflight=max_inflight, parameters=params),
+        OperatorConfig("decoder", "TritonCoreOperator", repository=MODELS, replicas=replicas,
+                       instances=instances, max_inflight=max_inflight, parameters=params),
+        OperatorConfig("encoder_decoder", "encoder_decoder:EncoderDecoder", repository=OPERATORS,
+                       max_inflight=pipeline_max_inflight),
+    ]
+
+
+# -- memory sampling ------------------------------------------------------------------------
+def _label(proc: psutil.Process, me: int, direct_pid: int | None) -> str:
+    try:
+        if proc.pid == me:
+            return "benchmark client + scheduler"
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "?"
+    if proc.pid == direct_pid:
+        return "direct tritonserver"
+    if "triton_python_backend_stub" in cmd:
+        return "triton python stub"
+    if "tritonserver" in cmd:
+        return "tdask tritonserver"
+    if "resource_tracker" in cmd:
+        return "resource tracker"
+    if "multiprocessing" in cmd or "distributed" in cmd:
+        return "dask worker"
+    return cmd[:40]
+
+
+class RssSampler:
+    """Samples the RSS of this process and all its descendants every ``interval`` seconds."""
+
+    def __init__(self, direct_pid: int | None, interval: float = 0.25) -> None:
+        self.direct_pid = direct_pid
+        self.interval = interval
+        self.samples: dict[int, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        now = time.monotonic()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                rss = proc.memory_info().rss
+            except psutil.Error:
+                continue
+            s = self.samples.get(proc.pid)
+            if s is None:
+                s = self.samples[proc.pid] = {"pid": proc.pid, "process": _label(proc, me.pid, self.direct_pid),
+                                              "rss_first_mb": rss / 2**20, "rss_peak_mb": 0.0, "first": now}
+            s["rss_peak_mb"] = max(s["rss_peak_mb"], rss / 2**20)
+            s["rss_last_mb"] = rss / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> RssSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for s in sorted(self.samples.values(), key=lambda s: (s["process"], s["pid"])):
+            if s["process"] in ("resource tracker", "?"):
+                continue
+            out.append({"process": s["process"], "pid": s["pid"], "rss_start_mb": round(s["rss_first_mb"], 1),
+                        "rss_peak_mb": round(s["rss_peak_mb"], 1), "rss_end_mb": round(s["rss_last_mb"], 1)})
+        return out
+
+
+# -- the run ------------------------------------------------------------------------------
+async def measure_cells(args: argparse.Namespace, direct: Direct, td: Tdask) -> list[dict[str, Any]]:
+    calls = {"direct": direct.call, "tdask_pipeline": td.call_pipeline, "tdask_chained": td.call_chained}
+    cells = []
+    for size in args.sizes:
+        x = np.arange(size, dtype=np.int64)
+        for system in SYSTEMS:  # warm-up: connections, first-call costs
+            await run_load(calls[system], x, 1, requests=2)
+        for conc in args.concurrency:
+            ms = {s: Measurement(s) for s in SYSTEMS}
+            for _ in range(args.rounds):
+                for system in SYSTEMS:
+                    ms[system].add(*await run_load(calls[system], x, conc, duration=args.duration))
+            systems = {s: m.summary() for s, m in ms.items()}
+            d = systems["direct"]
+            for s in ("tdask_pipeline", "tdask_chained"):
+                systems[s]["throughput_ratio"] = ratio(systems[s]["throughput"], d["throughput"])
+                systems[s]["p50_ratio"] = ratio(systems[s]["p50_ms"], d["p50_ms"])
+                systems[s]["p50_overhead_ms"] = (round(systems[s]["p50_ms"] - d["p50_ms"], 3)
+                                                 if systems[s]["p50_ms"] is not None and d["p50_ms"] is not None
+                                                 else None)
+            cell = {"size": size, "concurrency": conc, "systems": systems}
+            cells.append(cell)
+            print(f"size {size} concurrency {conc}: " + ", ".join(
+                f"{s} {v['throughput']}/s p50 {v['p50_ms']} ms errors {v['errors']}" for s, v in systems.items()),
+                flush=True)
+    return cells
+
+
+async def measure_scaling(args: argparse.Namespace, client: Any, direct_server: Any) -> list[dict[str, Any]]:
+    import tdask
+    from tdask import Deployment
+
+    delay_s = args.scaling_delay_ms / 1e3 / args.scaling_size
+    x = np.arange(args.scaling_size, dtype=np.int64)
+    rows = []
+    for n in args.scaling:
+        conc = 4 * n
+        await load_direct_models(direct_server, n, delay_s)
+        direct = Direct(direct_server.grpc_url)
+        deployment = Deployment(client, tdask_configs(1, args.max_inflight, args.pipeline_max_inflight,
+                                                      replicas=n, delay_s=delay_s))
+        await deployment.start()
+        session = await tdask.connect(client)
+        try:
+            td = Tdask(session)
+            await td.setup()
+            ms = {"direct": Measurement("direct"), "tdask_pipeline": Measurement("tdask_pipeline")}
+            calls = {"direct": direct.call, "tdask_pipeline": td.call_pipeline}
+            for call in calls.values():
+                await run_load(call, x, conc, requests=conc)
+            for _ in range(args.rounds):
+                for system, call in calls.items():
+                    ms[system].add(*await run_load(call, x, conc, duration=args.duration))
+        finally:
+            await session.close()
+            await deployment.stop()
+            await direct.close()
+        systems = {s: m.summary() for s, m in ms.items()}
+        systems["tdask_pipeline"]["throughput_ratio"] = ratio(systems["tdask_pipeline"]["throughput"],
+                                                              systems["direct"]["throughput"])
+        rows.append({"replicas": n, "concurrency": conc, "systems": systems})
+        print(f"scaling {n} replicas: " + ", ".join(f"{s} {v['throughput']}/s" for s, v in systems.items()),
+              flush=True)
+    base = rows[0]["systems"]["tdask_pipeline"]["throughput"] if rows else None
+    for row in rows:
+        t = row["systems"]["tdask_pipeline"]["throughput"]
+        row["efficiency"] = round(t / (base * row["replicas"] / rows[0]["replicas"]), 3) if t and base else None
+    await load_direct_models(direct_server, args.instances)
+    return rows
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    import dask.config
+    from distributed import Client
+
+    import tdask
+    from tdask import Deployment
+    from tdask.cluster import start_embedded_cluster
+    from tdask.triton_server import TritonServer
+
+    # Triton's Python stub takes its site-packages from the first python3 on PATH.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    dask.config.set({"distributed.worker.daemon": False})  # workers start Triton subprocesses
+    t_start = time.perf_counter()
+    results: dict[str, Any] = {
+        "title": "tdask vs direct Triton" + (" (smoke run: numbers meaningless)" if args.smoke else ""),
+        "smoke": args.smoke,
+        "environment": environment(),
+        "settings": {
+            "sizes": args.sizes, "concurrency": args.concurrency, "duration_s": args.duration,
+            "rounds": args.rounds, "instances": args.instances, "max_inflight": args.max_inflight,
+            "pipeline_max_inflight": args.pipeline_max_inflight, "scaling": args.scaling,
+            "scaling_delay_ms_per_model": args.scaling_delay_ms, "scaling_concurrency": "4 x replicas",
+            "memory_requests": args.memory_requests, "memory_concurrency": args.memory_concurrency,
+            "tdask_config": dask.config.get("tdask"),
+        },
+        "cells": [], "scaling": [], "memory": {},
+    }
+    direct_server = TritonServer(MODELS)
+    n_workers = max(3, max(args.scaling) if "scaling" not in args.skip else 3)
+    cluster = None
+    try:
+        await direct_server.start()
+        await load_direct_models(direct_server, args.instances)
+        cluster = await start_embedded_cluster(n_workers=n_workers, scheduler_port=0, dashboard_address=":0",
+                                               silence_logs=logging.ERROR)
+        async with Client(cluster.scheduler_address, asynchronous=True, direct_to_workers=True) as client:
+            if "cells" not in args.skip or "memory" not in args.skip:
+                deployment = Deployment(client, tdask_configs(args.instances, args.max_inflight,
+                                                              args.pipeline_max_inflight))
+                await deployment.start()
+                session = await tdask.connect(client)
+                direct = Direct(direct_server.grpc_url)
+                try:
+                    td = Tdask(session)
+                    await td.setup()
+                    if "cells" not in args.skip:
+                        results["cells"] = await measure_cells(args, direct, td)
+                    if "memory" not in args.skip:
+                        results["memory"] = await measure_memory(args, td, direct_server.pid)
+                finally:
+                    await direct.close()
+                    await session.close()
+                    await deployment.stop()
+            if "scaling" not in args.skip:
+                results["scaling"] = await measure_scaling(args, client, direct_server)
+    finally:
+        if cluster is not None:
+            await cluster.close()
+        await direct_server.stop()
+    results["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    return results
+
+
+async def measure_memory(args: argparse.Namespace, td: Tdask, direct_pid: int | None) -> dict[str, Any]:
+    x = np.arange(1000, dtype=np.int64)
+    with RssSampler(direct_pid) as sampler:
+        latencies, elapsed, errors, first_error = await run_load(td.call_pipeline, x, args.memory_concurrency,
+                                                                 requests=args.memory_requests)
+    m = Measurement("tdask_pipeline")
+    m.add(latencies, elapsed, errors, first_error)
+    out = {"size": 1000, "concurrency": args.memory_concurrency, "requests": args.memory_requests,
+           "result": m.summary(), "processes": sampler.rows()}
+    print(f"memory run: {m.summary()}", flush=True)
+    return out
+
+
+def report(results: dict[str, Any]) -> str:
+    parts = []
+    rows = []
+    for cell in results["cells"]:
+        for system in SYSTEMS:
+            s = cell["systems"][system]
+            rows.append({"size": cell["size"], "conc": cell["concurrency"], "system": system, **s})
+    if rows:
+        parts.append(print_table(rows, [
+            ("size", "elements"), ("conc", "concurrency"), ("system", "system"), ("throughput", "req/s"),
+            ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("throughput_ratio", "thr / direct"),
+            ("p50_overhead_ms", "p50 - direct ms"), ("requests", "requests"), ("errors", "errors")],
+            "Pipelines: direct Triton gRPC vs tdask"))
+    rows = []
+    for row in results["scaling"]:
+        for system, s in row["systems"].items():
+            rows.append({"replicas": row["replicas"], "conc": row["concurrency"], "system": system, **s,
+                         "efficiency": row["efficiency"] if system == "tdask_pipeline" else None})
+    if rows:
+        parts.append(print_table(rows, [
+            ("replicas", "replicas"), ("conc", "concurrency"), ("system", "system"), ("throughput", "req/s"),
+            ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("throughput_ratio", "thr / direct"),
+            ("efficiency", "thr(N) / (N thr(1))"), ("errors", "errors")],
+            "Scaling (each model call sleeps; concurrency 4 x replicas)"))
+    mem = results.get("memory") or {}
+    if mem:
+        parts.append(print_table(mem["processes"], [
+            ("process", "process"), ("pid", "pid"), ("rss_start_mb", "RSS start MB"),
+            ("rss_peak_mb", "RSS peak MB"), ("rss_end_mb", "RSS end MB")],
+            f"Memory: {mem['requests']} requests at concurrency {mem['concurrency']} "
+            f"({mem['result']['throughput']} req/s, {mem['result']['errors']} errors)"))
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = resolve_defaults(build_parser().parse_args(argv))
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("distributed", "tdask"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    results = asyncio.run(run(args))
+    results["table_markdown"] = report(results)
+    out = Path(args.output)
+    write_json(out, results)
+    print(f"wrote {out}")
+    if not args.no_plot and (results["cells"] or results["scaling"]):
+        png = plot(out.with_suffix(".png"), results)
+        print(f"wrote {png}")
+    print(f"total {results['wall_seconds']} s")
+    failed = sum(s["errors"] for c in results["cells"] for s in c["systems"].values())
+    return 1 if failed and args.smoke else 0
