@@ -177,6 +177,13 @@ class RemoteOperator:
             now = time.monotonic()
             down = {r for r, until in self._down.items() if until > now}
             replica = choose_replica(list(self.replicas), self.outstanding, next(self._counter), tried | down)
+            local = self.session.local_service
+            if replica is not None and local is not None and self.replicas[replica] != local.worker.address:
+                # keep the request in this process when a replica here is as lightly loaded
+                mine = [r for r, w in self.replicas.items() if w == local.worker.address]
+                best = choose_replica(mine, self.outstanding, next(self._counter), tried | down) if mine else None
+                if best is not None and self.outstanding[best] <= self.outstanding[replica]:
+                    replica = best
             if replica is None and not tried and down:
                 replica = choose_replica(list(self.replicas), self.outstanding, next(self._counter), tried)
             if replica is None:
@@ -188,9 +195,13 @@ class RemoteOperator:
             msg = {"op": "infer", "replica": replica, "request_id": request_id, "inputs": wire_inputs,
                    "parameters": params, "keep": keep}
             self.outstanding[replica] += 1
+            local = self.session.local_service
+            if local is not None and worker == local.worker.address:
+                call = local.call_local(msg)  # same process: no comm, no serialization
+            else:
+                call = self.session.pool.get(worker).call(msg)
             try:
-                reply = await asyncio.wait_for(self.session.pool.get(worker).call(msg),
-                                               max(0.0, deadline - time.monotonic()))
+                reply = await asyncio.wait_for(call, max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 raise RequestTimeoutError(
                     f"request {request_id} to operator {self.name!r} (replica {replica} on {worker}) "
@@ -281,6 +292,7 @@ class Session:
         self._owns_client = owns_client
         self._operators: dict[tuple[str, int | None], RemoteOperator] = {}
         self._loop = asyncio.get_running_loop()
+        self.local_service: Any = None  # the WorkerService of this process, for a worker's session
 
     async def operator(self, name: str, version: int | None = None) -> RemoteOperator:
         """The handle to ``name`` at ``version`` (latest when ``None``)."""
@@ -338,6 +350,9 @@ def worker_session(worker: Any) -> Session:
         async def lookup(keys: list[str]) -> Any:
             return await worker.scheduler.get_metadata(keys=keys, default=None)
 
+        from tdask.service import WorkerService
+
         session = Session(lookup, worker.rpc, dict(worker.connection_args))
+        session.local_service = WorkerService.of(worker)
         worker._tdask_session = session
     return session

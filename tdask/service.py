@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.batched import BatchedSend
 from distributed.comm import CommClosedError
 from distributed.core import Status
-from distributed.protocol import to_serialize
+from distributed.protocol import Serialize, to_serialize
 
 from tdask import config
 from tdask.errors import InvalidRequestError, ReplicaUnavailableError, TdaskError
@@ -125,7 +125,24 @@ class WorkerService:
         except CommClosedError:
             logger.info("caller went away before request %s was answered", msg.get("request_id"))
 
-    def _encode_outputs(self, outputs: dict[str, Any], keep: bool | str) -> dict[str, Any]:
+    async def call_local(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """A request from an operator in this same process: no comm, no (de)serialization."""
+        replica = self.replicas.get(msg.get("replica"))
+        try:
+            if replica is None:
+                raise ReplicaUnavailableError(
+                    f"replica {msg.get('replica')} is not running on worker {self.worker.address}"
+                )
+            inputs = {k: (v.data if isinstance(v, Serialize) else v) for k, v in (msg.get("inputs") or {}).items()}
+            outputs = await replica.handle(msg.get("request_id", ""), inputs, msg.get("parameters") or {})
+            return {"outputs": self._encode_outputs(outputs, msg.get("keep", False), serialize=False)}
+        except TdaskError as e:
+            return {"error": error_to_wire(e)}
+        except Exception as e:  # every request gets an answer
+            logger.exception("request %s failed", msg.get("request_id"))
+            return {"error": error_to_wire(e)}
+
+    def _encode_outputs(self, outputs: dict[str, Any], keep: bool | str, serialize: bool = True) -> dict[str, Any]:
         threshold = int(config.get("transfer.inline-threshold"))
         encoded = {}
         for name, value in outputs.items():
@@ -133,7 +150,7 @@ class WorkerService:
             if kept and nbytes(value) > threshold:
                 encoded[name] = self.store.put(value).to_wire()
             else:
-                encoded[name] = to_serialize(value)
+                encoded[name] = to_serialize(value) if serialize else value
         return encoded
 
     def handle_stats(self) -> dict[str, Any]:

@@ -1,0 +1,42 @@
+"""CI runs the benchmark harness in its smoke mode so it cannot rot (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, python_env
+
+
+def test_benchmark_smoke_run_writes_every_cell(tmp_path):
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--output", str(out)],
+        cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    settings = results["settings"]
+    expected = {(size, c) for size in settings["sizes"] for c in settings["concurrency"]}
+    assert {(c["size"], c["concurrency"]) for c in results["cells"]} == expected
+    for cell in results["cells"]:
+        assert set(cell["systems"]) == {"direct", "tdask_pipeline", "tdask_chained"}
+        for name, s in cell["systems"].items():
+            assert s["requests"] > 0 and s["errors"] == 0, (cell["size"], cell["concurrency"], name, s)
+            for key in ("throughput", "p50_ms", "p99_ms"):
+                assert s[key] is not None and s[key] > 0
+        for name in ("tdask_pipeline", "tdask_chained"):
+            assert cell["systems"][name]["throughput_ratio"] is not None
+    assert [row["replicas"] for row in results["scaling"]] == settings["scaling"]
+    for row in results["scaling"]:
+        assert set(row["systems"]) == {"direct", "tdask_pipeline"}
+        assert all(s["requests"] > 0 and s["errors"] == 0 for s in row["systems"].values())
+        assert row["efficiency"] is not None
+    memory = results["memory"]
+    assert memory["result"]["requests"] == settings["memory_requests"] and memory["result"]["errors"] == 0
+    kinds = {p["process"] for p in memory["processes"]}
+    assert {"benchmark client + scheduler", "dask worker", "tdask tritonserver", "direct tritonserver"} <= kinds
+    assert all(p["rss_peak_mb"] > 0 for p in memory["processes"])
+    assert "| direct |" in results["table_markdown"]
