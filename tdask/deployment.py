@@ -1,17 +1,20 @@
-"""Placing operators' replicas on a Dask cluster as actors, and taking them down again."""
+"""Placing operators' replicas on a Dask cluster as actors, keeping them placed, taking them down."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from dask.utils import parse_timedelta
 from distributed import Client
 
-from tdask.errors import TdaskError
+from tdask import config
+from tdask.errors import PlacementError, TdaskError
 from tdask.operator import OperatorConfig
 from tdask.placement import plan_placement
 from tdask.registry import ROOT, operator_key
@@ -20,27 +23,46 @@ from tdask.replica import Replica
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
+class _Placed:
+    config: OperatorConfig
+    future: Any
+    actor: Any
+    info: dict[str, Any]
+
+
 class Deployment:
     """A set of operators placed on a cluster; they serve until :meth:`stop`.
 
-    The actor futures held here keep the replicas alive: Dask deletes an actor when
-    its future is released, so the deploying process owns the deployment.
+    The actor futures held here keep the replicas alive: Dask deletes an actor when its
+    future is released, so the deploying process owns the deployment. Dask actors are not
+    fault tolerant, so a supervisor notices replicas whose worker is gone, drops them from
+    the registry (callers stop routing to them) and places them again as soon as a worker
+    with the right resources is there.
 
     >>> async with Deployment(client, [OperatorConfig("encoder", repository=repo)]) as d:  # doctest: +SKIP
     ...     print(d.replicas)
     """
 
-    def __init__(self, client: Client, operators: Sequence[OperatorConfig]) -> None:
+    def __init__(self, client: Client, operators: Sequence[OperatorConfig], supervise: bool = True) -> None:
         names = [op.name for op in operators]
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:
             raise TdaskError(f"operators listed twice: {sorted(duplicates)}")
         self.client = client
         self.operators = list(operators)
-        self.replicas: list[dict[str, Any]] = []
-        self._actors: dict[str, tuple[Any, Any]] = {}  # replica id -> (future, actor)
+        self.supervise = supervise
+        self._placed: dict[str, _Placed] = {}
+        self._supervisor: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        self.events: list[dict[str, Any]] = []  # replicas lost and placed again, for reports and tests
 
-    async def _existing_usage(self) -> dict[str, dict[str, int]]:
+    @property
+    def replicas(self) -> list[dict[str, Any]]:
+        """What each running replica reported when it started (worker, device, Triton pid, ...)."""
+        return [p.info for p in self._placed.values()]
+
+    async def _usage(self) -> dict[str, dict[str, int]]:
         usage: dict[str, dict[str, int]] = defaultdict(lambda: {"replicas": 0, "gpus_used": 0})
         for versions in ((await self.client.get_metadata(ROOT, default=None)) or {}).values():
             for record in (versions or {}).values():
@@ -53,16 +75,17 @@ class Deployment:
     async def start(self) -> list[dict[str, Any]]:
         """Place every replica, run its setup and record it; all or nothing."""
         identity = await self.client.scheduler.identity(n_workers=-1)
-        plan = plan_placement(self.operators, identity["workers"], await self._existing_usage())
+        plan = plan_placement(self.operators, identity["workers"], await self._usage())
         try:
             for cfg in self.operators:
-                mine = [(index, addr) for c, index, addr in plan if c is cfg]
-                infos = await asyncio.gather(*(self._start_replica(cfg, addr) for _, addr in mine))
-                self.replicas.extend(infos)
-                await self._register(cfg, infos)
+                mine = [addr for c, _, addr in plan if c is cfg]
+                await asyncio.gather(*(self._start_replica(cfg, addr) for addr in mine))
+                await self._register(cfg)
         except BaseException:
             await self.stop()
             raise
+        if self.supervise:
+            self._supervisor = asyncio.ensure_future(self._supervise())
         return self.replicas
 
     async def _start_replica(self, cfg: OperatorConfig, address: str) -> dict[str, Any]:
@@ -71,49 +94,104 @@ class Deployment:
             Replica, cfg, replica_id, actor=True, workers=[address], allow_other_workers=False,
             pure=False, key=f"tdask-replica-{replica_id}",
         )
-        actor = await future
-        self._actors[replica_id] = (future, actor)
-        info = await actor.start()
-        logger.info("started %s", info)
+        try:
+            actor = await future
+            info = await actor.start()
+        except BaseException:
+            future.release()
+            raise
+        self._placed[replica_id] = _Placed(cfg, future, actor, info)
+        logger.info("started replica %s of %s on %s", replica_id, cfg.name, address)
         return info
 
-    async def _register(self, cfg: OperatorConfig, infos: list[dict[str, Any]]) -> None:
+    async def _register(self, cfg: OperatorConfig) -> None:
+        """Record the running replicas of ``cfg`` in the scheduler, where callers look them up."""
         versions = (await self.client.get_metadata(operator_key(cfg.name), default=None)) or {}
-        versions[str(cfg.version)] = {
-            "config": cfg.describe(),
-            "replicas": [{"replica": i["replica"], "worker": i["worker"], "device": i["device"]} for i in infos],
-        }
+        replicas = [{"replica": rid, "worker": p.info["worker"], "device": p.info["device"]}
+                    for rid, p in self._placed.items() if p.config is cfg]
+        if replicas:
+            versions[str(cfg.version)] = {"config": cfg.describe(), "replicas": replicas}
+        else:
+            versions.pop(str(cfg.version), None)
         await self.client.set_metadata(operator_key(cfg.name), versions)
 
-    async def _unregister(self, cfg: OperatorConfig) -> None:
-        versions = (await self.client.get_metadata(operator_key(cfg.name), default=None)) or {}
-        record = versions.get(str(cfg.version))
-        if record is None:
-            return
-        record["replicas"] = [r for r in record["replicas"] if r["replica"] not in self._actors]
-        if not record["replicas"]:
-            del versions[str(cfg.version)]
-        await self.client.set_metadata(operator_key(cfg.name), versions)
-
-    async def stop(self) -> None:
-        """Unregister, drain and tear down every replica (Triton models and servers too)."""
-        for cfg in self.operators:
+    # -- supervision ----------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        interval = parse_timedelta(config.get("deployment.supervise-interval", "1s"), default="seconds")
+        while True:
+            await asyncio.sleep(interval)
             try:
-                await self._unregister(cfg)
+                await self.check()
+            except asyncio.CancelledError:
+                raise
             except Exception:
-                logger.exception("unregistering %s", cfg.name)
-        actors, self._actors = self._actors, {}
+                logger.exception("deployment supervisor")
 
-        async def stop_one(replica_id: str, actor: Any) -> None:
-            try:
-                await actor.stop()
-            except Exception as e:
-                logger.warning("stopping replica %s: %r", replica_id, e)
+    async def check(self) -> None:
+        """Drop replicas whose worker is gone; place missing replicas where workers allow."""
+        async with self._lock:
+            workers = (await self.client.scheduler.identity(n_workers=-1))["workers"]
+            changed = set()
+            for rid, placed in list(self._placed.items()):
+                if placed.info["worker"] not in workers:
+                    logger.warning("replica %s of %s was lost with worker %s", rid, placed.config.name,
+                                   placed.info["worker"])
+                    self.events.append({"event": "lost", "replica": rid, "operator": placed.config.name,
+                                        "worker": placed.info["worker"]})
+                    del self._placed[rid]
+                    placed.future.release()
+                    changed.add(placed.config.name)
+            for cfg in self.operators:
+                if cfg.name in changed:
+                    await self._register(cfg)
+            for cfg in self.operators:
+                missing = cfg.replicas - sum(1 for p in self._placed.values() if p.config is cfg)
+                if missing <= 0:
+                    continue
+                try:
+                    plan = plan_placement([dataclasses.replace(cfg, replicas=missing)], workers, await self._usage())
+                except PlacementError as e:
+                    logger.info("cannot place %d replica(s) of %s yet: %s", missing, cfg.name, e)
+                    continue
+                for _, _, address in plan:
+                    try:
+                        info = await self._start_replica(cfg, address)
+                    except Exception as e:
+                        logger.warning("placing a replica of %s on %s failed: %r", cfg.name, address, e)
+                        continue
+                    # record the operator's own config, not the copy made for planning
+                    self._placed[info["replica"]].config = cfg
+                    self.events.append({"event": "placed", "replica": info["replica"], "operator": cfg.name,
+                                        "worker": address})
+                await self._register(cfg)
 
-        await asyncio.gather(*(stop_one(rid, actor) for rid, (_, actor) in actors.items()))
-        for future, _ in actors.values():
-            future.release()
-        self.replicas = []
+    # -- shutdown ---------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Unregister, drain and tear down every replica (Triton models and servers too).
+
+        Operators stop in reverse order of deployment, so a pipeline operator drains its
+        in-flight requests while the operators it calls still serve.
+        """
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            self._supervisor = None
+        async with self._lock:
+            for cfg in reversed(self.operators):
+                mine = {rid: p for rid, p in self._placed.items() if p.config is cfg}
+                for rid in mine:
+                    del self._placed[rid]
+                try:
+                    await self._register(cfg)
+                except Exception as e:
+                    logger.warning("unregistering %s: %r", cfg.name, e)
+                await asyncio.gather(*(self._stop_replica(rid, p) for rid, p in mine.items()))
+
+    async def _stop_replica(self, replica_id: str, placed: _Placed) -> None:
+        try:
+            await placed.actor.stop()
+        except Exception as e:
+            logger.warning("stopping replica %s: %r", replica_id, e)
+        placed.future.release()
 
     async def __aenter__(self) -> Deployment:
         await self.start()

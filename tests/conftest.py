@@ -10,6 +10,7 @@ import asyncio
 import os
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -77,12 +78,24 @@ def no_leftover_processes() -> Iterator[None]:
     before = tritonservers()
     me = psutil.Process()
     yield
-    import time
-
     end = time.time() + 30
-    while time.time() < end and tritonservers() - before:
+
+    def ours() -> set[int]:
+        # started during the session and either below this process or orphaned (parent gone);
+        # other programs' servers on a shared machine are not ours to judge
+        mine = {c.pid for c in me.children(recursive=True)}
+        out = set()
+        for pid in tritonservers() - before:
+            try:
+                if pid in mine or psutil.Process(pid).ppid() == 1:
+                    out.add(pid)
+            except psutil.Error:
+                pass
+        return out
+
+    while time.time() < end and ours():
         time.sleep(0.5)
-    left = tritonservers() - before
+    left = ours()
     children = [c for c in me.children(recursive=True) if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
                 and "resource_tracker" not in " ".join(c.cmdline())]
     assert not left, f"tritonserver processes left behind: {left}"

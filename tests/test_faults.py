@@ -1,0 +1,139 @@
+"""Keeps serving through worker loss, Triton crashes and overload; a cluster of its own (it kills things)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+from conftest import MODELS, OPERATORS, SUPPORT, LoopThread
+
+import tdask
+from tdask import OperatorConfig, OverloadedError, TdaskError
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def fault_cluster(loop: LoopThread) -> Iterator[tuple[Any, Any]]:
+    from distributed import Client
+
+    from tdask.cluster import start_embedded_cluster
+
+    cluster = loop.run(start_embedded_cluster(n_workers=4, scheduler_port=0, dashboard_address=":0"))
+    client = loop.run(lambda: Client(cluster.scheduler_address, asynchronous=True, direct_to_workers=True))
+    yield cluster, client
+    loop.run(lambda: client.close())
+    loop.run(lambda: cluster.close())
+
+
+def pipeline(encoder_replicas: int = 2) -> list[OperatorConfig]:
+    return [
+        OperatorConfig("encoder", repository=MODELS, replicas=encoder_replicas, max_inflight=4),
+        OperatorConfig("decoder", repository=MODELS, max_inflight=4),
+        OperatorConfig("encoder_decoder", "encoder_decoder:EncoderDecoder", repository=OPERATORS, max_inflight=16),
+    ]
+
+
+async def steady_load(session: tdask.Session, seconds: float, concurrency: int = 8) -> Counter:
+    """Requests with a per-request timeout; counts correct answers, explicit errors and anything else."""
+    op = await session.operator("encoder_decoder")
+    outcome: Counter = Counter()
+    end = time.monotonic() + seconds
+    rng = np.random.default_rng(0)
+
+    async def worker() -> None:
+        while time.monotonic() < end:
+            x = rng.integers(0, 1000, size=100)
+            try:
+                r = await op.infer({"input": x}, timeout=20)
+                outcome["correct" if np.array_equal(r["output"], x) else "wrong"] += 1
+            except TdaskError as e:
+                outcome[f"error:{type(e).__name__}"] += 1
+                assert str(e), "errors name their cause"
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return outcome
+
+
+def test_worker_loss_requests_are_answered_or_explicit_and_replica_is_placed_again(loop, fault_cluster):
+    cluster, client = fault_cluster
+
+    async def main() -> tuple[Counter, Counter, list, list]:
+        async with tdask.Deployment(client, pipeline()) as deployment:
+            async with await tdask.connect(client) as session:
+                victim = next(r for r in deployment.replicas if r["name"] == "encoder")
+                pids = await client.run(os.getpid)
+                triton_pid = victim["triton_pid"]
+                load = asyncio.ensure_future(steady_load(session, 12))
+                await asyncio.sleep(3)
+                os.kill(pids[victim["worker"]], signal.SIGKILL)
+                during = await load
+                # the nanny restarts the worker; the supervisor places the replica again
+                end = time.monotonic() + 120
+                while time.monotonic() < end:
+                    encoders = [r for r in deployment.replicas if r["name"] == "encoder"]
+                    if len(encoders) == 2 and all(r["worker"] != victim["worker"] for r in encoders):
+                        break
+                    await asyncio.sleep(0.5)
+                after = await steady_load(session, 3)
+                op = await session.operator("encoder")
+                await op.refresh()
+                answered = Counter()
+                for r in await asyncio.gather(*(op.infer({"input": np.arange(3)}) for _ in range(20))):
+                    answered[r.replica] += 1
+                return during, after, deployment.events, [triton_pid], answered
+
+    during, after, events, (triton_pid,), answered = loop.run(main(), timeout=400)
+    assert during["correct"] > 0 and during["wrong"] == 0, during
+    # requests in flight on the dead replica fail explicitly; one caught connecting to the dead
+    # worker may run into its request timeout; everything else is answered correctly
+    assert set(during) <= {"correct", "error:ReplicaUnavailableError", "error:RequestTimeoutError"}, during
+    assert sum(during.values()) - during["correct"] <= 16, during
+    assert after == Counter({"correct": after["correct"]}) and after["correct"] > 0, after
+    assert [e["event"] for e in events] == ["lost", "placed"], events
+    assert len(answered) == 2, f"both encoder replicas serve again: {answered}"
+    assert not psutil.pid_exists(triton_pid) or psutil.Process(triton_pid).status() == psutil.STATUS_ZOMBIE, \
+        "the dead worker's Triton server must not outlive it"
+
+
+def test_overload_is_an_explicit_error_at_once_not_an_unbounded_queue(loop, fault_cluster):
+    cluster, client = fault_cluster
+    cfg = OperatorConfig("sleepy", "sample_operators:Sleepy", repository=SUPPORT, max_inflight=2, max_queue_size=3)
+
+    async def main() -> tuple[Counter, float]:
+        async with tdask.Deployment(client, [cfg]):
+            async with await tdask.connect(client) as session:
+                op = await session.operator("sleepy")
+                start = time.monotonic()
+                futures = [op.infer({"input": np.arange(3)}, {"seconds": 1.0}) for _ in range(50)]
+                outcome: Counter = Counter()
+                first_rejection = None
+                for f in asyncio.as_completed([asyncio.ensure_future(_await(f)) for f in futures]):
+                    try:
+                        await f
+                        outcome["ok"] += 1
+                    except OverloadedError as e:
+                        assert "overloaded" in str(e) and "max-queue-size 3" in str(e)
+                        outcome["overloaded"] += 1
+                        first_rejection = first_rejection or time.monotonic() - start
+                # and the operator still serves once the burst is over
+                r = await op.infer({"input": np.arange(3)}, {"seconds": 0})
+                assert np.array_equal(r["output"], np.arange(3))
+                return outcome, first_rejection
+
+    outcome, first_rejection = loop.run(main(), timeout=120)
+    assert outcome == Counter({"ok": 5, "overloaded": 45}), outcome  # 2 running + 3 queued
+    assert first_rejection < 1.0, "rejections come at once, before any request finished"
+
+
+async def _await(f: Any) -> Any:
+    return await f
