@@ -235,8 +235,27 @@ async def serve(args: argparse.Namespace) -> int:
     return exit_code
 
 
+def check_protocol(protocol: str) -> str | None:
+    """A clear word instead of a failed cluster start: what the protocol needs and how to give it."""
+    if protocol == "tls" and not dask.config.get("distributed.comm.tls.ca-file", None):
+        return ("--protocol tls needs certificates: set distributed.comm.tls.ca-file and "
+                "distributed.comm.tls.{scheduler,worker,client}.{cert,key} in Dask's config, e.g. "
+                "DASK_DISTRIBUTED__COMM__TLS__CA_FILE=ca.pem DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__CERT=node.pem ... "
+                "(see the README)")
+    if protocol == "ucx":
+        try:
+            import distributed_ucxx  # noqa: F401
+        except ImportError:
+            return "--protocol ucx needs distributed-ucxx (pip install 'distributed-ucxx-cu12==0.48.*')"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = check_protocol(args.protocol) if args.scheduler_address is None else None
+    if problem:
+        print(f"Error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.log_dir:
         if args.clear_logs and os.path.isdir(args.log_dir):

@@ -160,3 +160,15 @@ def test_client_expected_outputs_match_the_models_definition():
     assert np.array_equal(expected_output("encoder", x, 2), ~np.array([0, 0, 1, 1, 2, 2]))
     assert np.array_equal(make_input("decoder", x, 2), ~np.array([0, 0, 1, 1, 2, 2]))
     assert expected_output("something_else", x, 1) is None
+
+
+def test_deploy_says_what_a_protocol_needs_instead_of_failing_to_start(monkeypatch):
+    import dask.config
+
+    from deploy.__main__ import check_protocol
+
+    with dask.config.set({"distributed.comm.tls.ca-file": None}):
+        assert "distributed.comm.tls.ca-file" in check_protocol("tls")
+    with dask.config.set({"distributed.comm.tls.ca-file": "ca.pem"}):
+        assert check_protocol("tls") is None
+    assert check_protocol("tcp") is None
