@@ -82,6 +82,8 @@ async def start_embedded_cluster(
     CPU operators need no resource tag, so the CPU workers carry none.
     """
     host = "127.0.0.1" if protocol != "ucx" else None
+    scheduler_kwargs = dict(kwargs.pop("scheduler_kwargs", None) or {})
+    scheduler_kwargs.setdefault("preload", ["tdask.dashboard"])  # the tdask dashboard page and /metrics
     cluster = await LocalCluster(
         n_workers=n_workers,
         threads_per_worker=1,
@@ -93,6 +95,7 @@ async def start_embedded_cluster(
         security=security,
         asynchronous=True,
         preload=["tdask._embedded_worker"],
+        scheduler_kwargs=scheduler_kwargs,
         **kwargs,
     )
     if gpus:
