@@ -56,7 +56,17 @@ class Proc:
         self.file.close()
 
 
-def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+def alive(procs: list[psutil.Process], wait: float = 15) -> list[psutil.Process]:
+    """Those of ``procs`` still running after up to ``wait`` seconds."""
+    end = time.time() + wait
+    while True:
+        left = _running(procs)
+        if not left or time.time() > end:
+            return left
+        time.sleep(0.25)
+
+
+def _running(procs: list[psutil.Process]) -> list[psutil.Process]:
     out = []
     for p in procs:
         try:
@@ -172,3 +182,26 @@ def test_dask_scheduler_and_worker_clis_with_deploy_and_client(tmp_path):
         scheduler.p.send_signal(signal.SIGTERM)
         scheduler.p.wait(60)
         scheduler.stop()
+
+
+def test_sigterm_drains_in_flight_requests_before_stopping(tmp_path):
+    env = python_env(DASK_TDASK__ADDRESS_FILE=str(tmp_path / "addr.json"))
+    # 100 elements x 5 ms: each request sleeps 0.5 s in the encoder; max in-flight 1 serializes them
+    deploy = Proc([PY, "-m", "deploy", "--scheduler-port", "0", "--dashboard-address", ":0",
+                   "--encoder-delay-per-token", "0.005"], tmp_path / "deploy.log", env)
+    try:
+        deploy.wait_for("press Ctrl-C to Exit")
+        children = deploy.descendants()
+        client = subprocess.Popen([PY, "-m", "tdask.client", "--no-progress", "--requests-per-client", "8",
+                                   "--input-size-mean", "100"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        time.sleep(2.0)  # a few answered, the rest in flight
+        deploy.p.send_signal(signal.SIGTERM)
+        out, _ = client.communicate(timeout=120)
+        assert deploy.p.wait(120) == 0, deploy.text()[-3000:]
+        assert client.returncode == 0, out[-3000:]
+        assert "Requests: 8 Errors: 0" in out
+        assert deploy.text().index("Stopping operators") < deploy.text().index("Stopped")
+        assert alive(children) == []
+    finally:
+        deploy.stop()
