@@ -1,0 +1,75 @@
+"""``python -m deploy --log-dir ... --log-level DEBUG``: follow one request through the logs, and the
+embedded cluster's dashboard page and ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+import time
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+from conftest import python_env
+from test_cli import Proc
+
+pytestmark = pytest.mark.timeout(600)
+PY = sys.executable
+
+
+def test_request_id_followed_across_worker_logs_and_embedded_dashboard(tmp_path):
+    env = python_env(DASK_TDASK__ADDRESS_FILE=str(tmp_path / "addr.json"))
+    log_dir = tmp_path / "logs"
+    deploy = Proc([PY, "-m", "deploy", "--scheduler-port", "0", "--dashboard-address", ":0",
+                   "--log-dir", str(log_dir), "--log-level", "DEBUG"], tmp_path / "deploy.log", env)
+    try:
+        deploy.wait_for("press Ctrl-C to Exit")
+        m = re.search(r"Embedded cluster: scheduler (\S+), dashboard (http://\S+)", deploy.text())
+        assert m, deploy.text()[-3000:]
+        address, dashboard = m.group(1), m.group(2)
+        base = dashboard.rsplit("/", 1)[0]
+        request_id = f"trace-{uuid.uuid4().hex[:10]}"
+
+        async def one() -> None:
+            import tdask
+
+            async with await tdask.connect(address) as session:
+                op = await session.operator("encoder_decoder")
+                x = np.arange(100, dtype=np.int64)
+                result = await op.infer({"input": x}, request_id=request_id)
+                assert np.array_equal(result["output"], x)
+
+        asyncio.run(one())
+
+        # one log file per worker, plus each Triton server's
+        worker_logs = sorted(log_dir.glob("worker-*.log"))
+        assert len(worker_logs) == 3 and len(list(log_dir.glob("triton-*.log"))) == 2, sorted(log_dir.iterdir())
+        texts = {p.name: p.read_text() for p in worker_logs}
+        for name in ("encoder_decoder", "encoder", "decoder"):
+            hosts = [f for f, t in texts.items() if re.search(rf"replica {name}-\w+ of {name} started", t)]
+            assert len(hosts) == 1, (name, hosts)
+            lines = [line for line in texts[hosts[0]].splitlines() if f"request {request_id}:" in line]
+            assert any(f": {name} replica" in line and "received" in line for line in lines), (name, lines)
+            assert any(f": {name} replica" in line and "answered" in line for line in lines), (name, lines)
+
+        # the embedded scheduler serves the tdask page (listed under More...) and /metrics
+        status = urllib.request.urlopen(f"{base}/status", timeout=30).read().decode()
+        assert "individual-tdask" in status
+        page = urllib.request.urlopen(f"{base}/individual-tdask", timeout=30)
+        assert page.status == 200 and "bokeh" in page.read().decode().lower()
+        completed = re.compile(r'tdask_requests_total\{operator="encoder_decoder",[^}]*outcome="completed"[^}]*\} 1\.0')
+        for _ in range(30):  # the scheduler polls the workers every second
+            metrics = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
+            if completed.search(metrics):
+                break
+            time.sleep(0.5)
+        assert completed.search(metrics), metrics[-3000:]
+        assert "tdask_triton_server_info{" in metrics
+
+        deploy.p.send_signal(signal.SIGTERM)
+        assert deploy.p.wait(120) == 0, deploy.text()[-3000:]
+    finally:
+        deploy.stop()
