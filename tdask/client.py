@@ -118,19 +118,51 @@ async def run_client(index: int, op: RemoteOperator, args: argparse.Namespace, s
     bar.close()
 
 
+def _latency_summary(latencies_s: Sequence[float]) -> dict[str, float]:
+    ms = np.asarray(latencies_s, dtype=float) * 1e3
+    if not len(ms):
+        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
+    return {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)}
+
+
 def summarize(stats: Sequence[ClientStats], total_time: float) -> dict[str, Any]:
-    latencies = np.array([lat for s in stats for lat in s.latencies]) * 1e3
-    n = len(latencies)
+    n = sum(len(s.latencies) for s in stats)
     errors = sum(len(s.errors) for s in stats)
-    pct = (lambda q: float(np.percentile(latencies, q))) if n else (lambda q: float("nan"))
     return {
         "requests": n,
         "errors": errors,
         "wrong": sum(s.wrong for s in stats),
         "throughput": n / total_time if total_time > 0 else 0.0,
         "total_time": total_time,
-        "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99)},
+        "latency_ms": _latency_summary([lat for s in stats for lat in s.latencies]),
+        "clients": [
+            {"client": i, "requests": len(s.latencies), "errors": len(s.errors), "wrong": s.wrong,
+             "throughput": len(s.latencies) / total_time if total_time > 0 else 0.0,
+             "latency_ms": _latency_summary(s.latencies)}
+            for i, s in enumerate(stats)
+        ],
     }
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """The end-of-run table: one row per client (when more than one) and the total."""
+    header = ("Client", "Requests", "Errors", "Throughput (req/s)", "p50 ms", "p90 ms", "p99 ms")
+
+    def row(name: str, s: dict[str, Any]) -> tuple[str, ...]:
+        lat = s["latency_ms"]
+        return (name, str(s["requests"]), str(s["errors"]), f"{s['throughput']:.2f}",
+                f"{lat['p50']:.2f}", f"{lat['p90']:.2f}", f"{lat['p99']:.2f}")
+
+    rows = [row(str(c["client"]), c) for c in summary["clients"]] if len(summary["clients"]) > 1 else []
+    rows.append(row("all", summary))
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    rule = "-+-".join("-" * w for w in widths)
+    fmt = lambda r: " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
+    lines = [fmt(header), rule, *(fmt(r) for r in rows[:-1])]
+    if len(rows) > 1:
+        lines.append(rule)
+    lines.append(fmt(rows[-1]))
+    return "\n".join(lines)
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -156,6 +188,7 @@ async def amain(args: argparse.Namespace) -> int:
         for err in s.errors[:5]:
             print(f"Error: {err}")
     lat = summary["latency_ms"]
+    print(summary_table(summary))
     print(f"Requests: {summary['requests']} Errors: {summary['errors']} "
           f"Latency p50: {lat['p50']:.2f} ms p90: {lat['p90']:.2f} ms p99: {lat['p99']:.2f} ms")
     if args.json:

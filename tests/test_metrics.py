@@ -217,3 +217,22 @@ def test_scheduler_metrics_count_exactly_the_requests_sent(loop, cluster, sessio
     assert triton_urls, after
     text = urllib.request.urlopen(triton_urls[0], timeout=30).read().decode()
     assert "nv_inference_request_success" in text
+
+
+def test_client_summary_table_and_json():
+    from tdask.client import ClientStats, summarize, summary_table
+
+    a = ClientStats(latencies=[0.010, 0.020, 0.030])
+    b = ClientStats(latencies=[0.005] * 4, errors=["OverloadedError: full"])
+    summary = summarize([a, b], total_time=2.0)
+    assert (summary["requests"], summary["errors"], summary["throughput"]) == (7, 1, 3.5)
+    assert summary["latency_ms"]["p50"] == pytest.approx(5.0)
+    assert [c["requests"] for c in summary["clients"]] == [3, 4]
+    assert summary["clients"][0]["latency_ms"]["p90"] == pytest.approx(28.0)
+    lines = summary_table(summary).splitlines()
+    assert lines[0].split(" | ") == ["Client", "Requests", "Errors", "Throughput (req/s)", "p50 ms", "p90 ms",
+                                     "p99 ms"]
+    assert lines[-1].split() == ["all", "|", "7", "|", "1", "|", "3.50", "|", "5.00", "|", "24.00", "|", "29.40"]
+    assert len(lines) == 6 and len({len(line) for line in lines}) == 1  # aligned
+    single = summary_table(summarize([a], total_time=1.0)).splitlines()
+    assert len(single) == 3 and single[-1].startswith("all")
