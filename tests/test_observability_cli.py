@@ -73,3 +73,31 @@ def test_request_id_followed_across_worker_logs_and_embedded_dashboard(tmp_path)
         assert deploy.p.wait(120) == 0, deploy.text()[-3000:]
     finally:
         deploy.stop()
+
+
+def test_dask_scheduler_preload_adds_the_page_and_metrics(tmp_path):
+    from test_cli import free_port
+
+    env = python_env()
+    dask_bin = f"{sys.executable.rsplit('/', 1)[0]}/dask"
+    port, dash = free_port(), free_port()
+    scheduler = Proc([dask_bin, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address",
+                      f"127.0.0.1:{dash}", "--preload", "tdask.dashboard"], tmp_path / "scheduler.log", env)
+    try:
+        scheduler.wait_for("Scheduler at:")
+        base = f"http://127.0.0.1:{dash}"
+        for _ in range(60):
+            try:
+                status = urllib.request.urlopen(f"{base}/status", timeout=10).read().decode()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert "individual-tdask" in status, "listed under More..."
+        assert urllib.request.urlopen(f"{base}/individual-tdask", timeout=30).status == 200
+        metrics = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
+        assert "# TYPE tdask_requests_total counter" in metrics and "tdask_request_latency_seconds" in metrics
+        assert "Traceback" not in scheduler.text()
+        scheduler.p.send_signal(signal.SIGTERM)
+        scheduler.p.wait(60)
+    finally:
+        scheduler.stop()
