@@ -99,11 +99,14 @@ async def start_embedded_cluster(
         **kwargs,
     )
     if gpus:
+        # one GPU=1 worker per GPU; asking for more workers than GPUs shares them round robin
+        # (two workers on one GPU still exercise CUDA IPC between processes)
+        found = max(1, count_gpus())
         for i in range(gpus):
             spec = copy.deepcopy(cluster.new_spec)
             options = spec.setdefault("options", {})
             options["resources"] = {"GPU": 1}
-            options["env"] = {**options.get("env", {}), "CUDA_VISIBLE_DEVICES": str(i)}
+            options["env"] = {**options.get("env", {}), "CUDA_VISIBLE_DEVICES": str(i % found)}
             cluster.worker_spec[f"gpu-{i}"] = spec
         await cluster._correct_state()
         await cluster.scheduler_comm.identity()

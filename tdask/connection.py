@@ -51,7 +51,8 @@ class WorkerStream:
             if self.sender is not None and not self.comm.closed():
                 return self.sender
             try:
-                comm = await connect(self.address, **self.connection_args)
+                comm = await connect(self.address, timeout=config.seconds("transfer.connect-timeout"),
+                                     **self.connection_args)
                 await comm.write({"op": "tdask_stream", "reply": False})
             except (OSError, CommClosedError) as e:
                 error = ReplicaUnavailableError(f"cannot connect to worker {self.address}: {e}")

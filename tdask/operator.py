@@ -47,6 +47,9 @@ class OperatorConfig:
         Extra resource tags a worker must have to host a replica, e.g. ``{"encoder": 1}``.
     max_queue_size
         Requests waiting per replica beyond ``max_inflight``; ``None`` takes the config default.
+    idempotent
+        Running a request twice is harmless, so a request whose replica was lost mid-way may
+        be retried on another replica. Otherwise only requests that never started are retried.
 
     >>> OperatorConfig("encoder", "TritonCoreOperator", repository="operators/triton_core_models")
     OperatorConfig(name='encoder', ...)
@@ -63,6 +66,7 @@ class OperatorConfig:
     replicas: int = 1
     resources: Mapping[str, float] = field(default_factory=dict)
     max_queue_size: int | None = None
+    idempotent: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -136,6 +140,7 @@ class OperatorConfig:
             "instances": self.instances,
             "max_inflight": self.max_inflight,
             "replicas": self.replicas,
+            "idempotent": self.idempotent,
         }
 
 

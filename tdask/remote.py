@@ -126,6 +126,7 @@ class RemoteOperator:
     def _set_record(self, record: dict[str, Any]) -> None:
         self.record = record
         self.replicas: dict[str, str] = {r["replica"]: r["worker"] for r in record.get("replicas", [])}
+        self.idempotent = bool(record.get("config", {}).get("idempotent", False))
 
     def __repr__(self) -> str:
         return f"<RemoteOperator {self.name} v{self.version}: {len(self.replicas)} replicas>"
@@ -148,24 +149,28 @@ class RemoteOperator:
         request_id: str | None = None,
         keep: bool | str = False,
         timeout: float | None = None,
+        output_device: str | None = None,
     ) -> InferFuture:
         """Send one request; returns at once with a future.
 
         ``inputs`` map names to arrays, :class:`TensorRef` or ``other_future.output(name)``
         (the tensor then moves worker to worker, not through this caller). ``keep=True``
         leaves large outputs on the replica's worker for the next operator; ``"auto"``
-        keeps only outputs above ``tdask.transfer.inline-threshold``.
+        keeps only outputs above ``tdask.transfer.inline-threshold``. ``output_device="cpu"``
+        returns NumPy arrays, ``"gpu"`` CuPy arrays on the replica's GPU; ``None`` as produced.
         """
         request_id = request_id or uuid.uuid4().hex[:12]
-        task = asyncio.ensure_future(self._infer(inputs, parameters, request_id, keep, timeout))
+        task = asyncio.ensure_future(self._infer(inputs, parameters, request_id, keep, timeout, output_device))
         return InferFuture(task, request_id)
 
     async def _infer(self, inputs: Any, parameters: Any, request_id: str, keep: bool | str,
-                     timeout: float | None) -> InferResult:
+                     timeout: float | None, output_device: str | None = None) -> InferResult:
         wire_inputs = await self._prepare_inputs(inputs, request_id)
         params = _check_parameters(parameters, request_id)
         if keep not in (True, False, "auto"):
             raise InvalidRequestError(f"keep must be True, False or 'auto', got {keep!r}")
+        if output_device not in (None, "cpu", "gpu"):
+            raise InvalidRequestError(f"output_device must be None, 'cpu' or 'gpu', got {output_device!r}")
         if timeout is None:
             timeout = config.seconds("request.timeout")
         deadline = time.monotonic() + timeout
@@ -193,7 +198,7 @@ class RemoteOperator:
             tried.add(replica)
             worker = self.replicas[replica]
             msg = {"op": "infer", "replica": replica, "request_id": request_id, "inputs": wire_inputs,
-                   "parameters": params, "keep": keep}
+                   "parameters": params, "keep": keep, "output_device": output_device}
             self.outstanding[replica] += 1
             local = self.session.local_service
             if local is not None and worker == local.worker.address:
@@ -209,7 +214,7 @@ class RemoteOperator:
                 ) from None
             except ReplicaUnavailableError as e:
                 self._down[replica] = time.monotonic() + config.seconds("routing.refresh-interval")
-                if getattr(e, "retryable", False):
+                if getattr(e, "retryable", False) or self.idempotent:
                     last_error = e
                     continue
                 raise

@@ -36,6 +36,19 @@ def error_to_wire(exc: BaseException) -> dict[str, Any]:
     return {"type": name, "message": message}
 
 
+def place_outputs(outputs: dict[str, Any], device: str | None) -> dict[str, Any]:
+    """Move outputs to the device the caller asked for: ``"cpu"`` (NumPy) or ``"gpu"`` (CuPy)."""
+    if device is None:
+        return outputs
+    if device == "cpu":
+        return {k: (v.get() if hasattr(v, "__cuda_array_interface__") else v) for k, v in outputs.items()}
+    try:
+        import cupy
+    except ImportError:
+        raise InvalidRequestError("output_device='gpu' asked of a worker without CuPy") from None
+    return {k: cupy.asarray(v) for k, v in outputs.items()}
+
+
 class WorkerService:
     """Installed once per worker as ``worker.extensions["tdask"]``.
 
@@ -50,6 +63,10 @@ class WorkerService:
         self.store = OutputStore(worker.address)
         self.triton_servers: dict[tuple[str, str | None], TritonServer] = {}
         self.triton_models: dict[tuple[str, str | None], dict[str, int]] = defaultdict(dict)
+        self.triton_model_configs: dict[tuple[str, str | None], dict[str, dict]] = defaultdict(dict)
+        self._triton_ready: dict[tuple[str, str | None], asyncio.Event] = {}
+        self._watchdogs: dict[tuple[str, str | None], asyncio.Task] = {}
+        self.triton_restarts = 0
         self._triton_lock: asyncio.Lock | None = None
         self.streams: set[Any] = set()
         worker.handlers["tdask_stream"] = self.handle_stream
@@ -113,6 +130,7 @@ class WorkerService:
                 )
             outputs = await replica.handle(msg.get("request_id", ""), msg.get("inputs") or {},
                                            msg.get("parameters") or {})
+            outputs = place_outputs(outputs, msg.get("output_device"))
             reply = {"id": call_id, "outputs": self._encode_outputs(outputs, msg.get("keep", False))}
         except asyncio.CancelledError:
             reply = {"id": call_id, "error": error_to_wire(ReplicaUnavailableError("request cancelled"))}
@@ -135,6 +153,7 @@ class WorkerService:
                 )
             inputs = {k: (v.data if isinstance(v, Serialize) else v) for k, v in (msg.get("inputs") or {}).items()}
             outputs = await replica.handle(msg.get("request_id", ""), inputs, msg.get("parameters") or {})
+            outputs = place_outputs(outputs, msg.get("output_device"))
             return {"outputs": self._encode_outputs(outputs, msg.get("keep", False), serialize=False)}
         except TdaskError as e:
             return {"error": error_to_wire(e)}
@@ -162,6 +181,7 @@ class WorkerService:
                 for s in self.triton_servers.values()
             ],
             "store": {"tensors": len(self.store), "bytes": self.store.nbytes},
+            "triton_restarts": self.triton_restarts,
         }
 
     # -- kept outputs ----------------------------------------------------------------
@@ -174,10 +194,12 @@ class WorkerService:
     async def resolve_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Replace references by tensors, fetched straight from the worker that holds them."""
         remote: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        refs: dict[str, TensorRef] = {}
         resolved = {}
         for name, value in inputs.items():
             if is_wire_ref(value):
                 ref = TensorRef.from_wire(value)
+                refs[name] = ref
                 if ref.worker == self.worker.address:
                     resolved[name] = self.store.get(ref.key)
                 else:
@@ -195,44 +217,108 @@ class WorkerService:
                 raise InvalidRequestError(str(got.get("exception")))
             for name, key in wanted:
                 resolved[name] = got[key]
+        for name, ref in refs.items():
+            value = resolved[name]
+            if tuple(value.shape) != tuple(ref.shape) or str(value.dtype) != ref.dtype:
+                raise InvalidRequestError(
+                    f"input {name!r}: the tensor referenced declares shape {tuple(ref.shape)} {ref.dtype}, "
+                    f"but holds {tuple(value.shape)} {value.dtype}"
+                )
         return resolved
 
     # -- Triton servers ----------------------------------------------------------------
-    async def acquire_triton_model(self, repository: str, model: str, model_config: dict[str, Any]) -> TritonServer:
-        """Start this worker's Triton server if needed and load ``model`` in it once."""
+    def _triton_key(self, repository: str) -> tuple[str, str | None]:
+        return (repository, config.get("triton.server-path"))
+
+    def _new_triton_server(self, repository: str, server_path: str | None) -> TritonServer:
         from tdask.triton_server import TritonServer
 
+        return TritonServer(
+            repository,
+            server_path=server_path,
+            log_file=self._triton_log_file(),
+            log_verbose=int(config.get("triton.log-verbose")),
+            startup_timeout=config.seconds("triton.startup-timeout"),
+        )
+
+    async def acquire_triton_model(self, repository: str, model: str, model_config: dict[str, Any]) -> TritonServer:
+        """Start this worker's Triton server if needed and load ``model`` in it once."""
         if self._triton_lock is None:
             self._triton_lock = asyncio.Lock()
-        server_path = config.get("triton.server-path")
-        key = (repository, server_path)
+        key = self._triton_key(repository)
         async with self._triton_lock:
             server = self.triton_servers.get(key)
-            if server is not None and not server.is_alive():
-                await server.stop()
-                server = None
-                self.triton_models.pop(key, None)
             if server is None:
-                server = TritonServer(
-                    repository,
-                    server_path=server_path,
-                    log_file=self._triton_log_file(),
-                    log_verbose=int(config.get("triton.log-verbose")),
-                    startup_timeout=config.seconds("triton.startup-timeout"),
-                )
+                server = self._new_triton_server(repository, key[1])
                 await server.start()
                 self.triton_servers[key] = server
+                self._watch(key, server)
                 logger.info("Triton server pid %s for %s (gRPC %s)", server.pid, self.worker.address, server.grpc_url)
             models = self.triton_models[key]
             if model not in models:
                 await server.load_model(model, model_config)
+                self.triton_model_configs[key][model] = model_config
                 models[model] = 0
             models[model] += 1
             return server
 
+    async def triton_server(self, repository: str) -> TritonServer:
+        """The live server for ``repository``; waits while a crashed one is being restarted."""
+        key = self._triton_key(repository)
+        ready = self._triton_ready.get(key)
+        if ready is not None and not ready.is_set():
+            await ready.wait()
+        server = self.triton_servers.get(key)
+        if server is None:
+            raise ReplicaUnavailableError(f"no Triton server for {repository} on worker {self.worker.address}")
+        return server
+
+    def _watch(self, key: tuple[str, str | None], server: TritonServer) -> None:
+        self._triton_ready.setdefault(key, asyncio.Event()).set()
+        task = asyncio.ensure_future(self._watchdog(key, server))
+        self._watchdogs[key] = task
+
+    async def _watchdog(self, key: tuple[str, str | None], server: TritonServer) -> None:
+        """Notice a Triton server that died under us, start a new one and reload its models."""
+        await server.wait()
+        if self.triton_servers.get(key) is not server:
+            return  # stopped on purpose
+        logger.error("Triton server pid %s of worker %s exited (code %s); restarting it and reloading %s",
+                     server.pid, self.worker.address, server.returncode, sorted(self.triton_model_configs[key]))
+        self.triton_restarts += 1
+        ready = self._triton_ready[key]
+        ready.clear()
+        delay = 0.5
+        try:
+            while self.triton_servers.get(key) is server:
+                async with self._triton_lock:
+                    if self.triton_servers.get(key) is not server:
+                        return
+                    await server.stop()
+                    fresh = self._new_triton_server(key[0], key[1])
+                    try:
+                        await fresh.start()
+                        for model, model_config in self.triton_model_configs[key].items():
+                            if model in self.triton_models.get(key, {}):
+                                await fresh.load_model(model, model_config)
+                    except Exception as e:
+                        await fresh.stop()
+                        logger.error("restarting Triton on %s failed (%r); trying again in %.1f s",
+                                     self.worker.address, e, delay)
+                    else:
+                        self.triton_servers[key] = fresh
+                        self._watch(key, fresh)
+                        logger.warning("Triton server restarted on %s: pid %s (gRPC %s)", self.worker.address,
+                                       fresh.pid, fresh.grpc_url)
+                        return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+        finally:
+            ready.set()
+
     async def release_triton_model(self, repository: str, model: str) -> None:
         """Unload ``model`` when its last replica here is gone; stop the server when idle."""
-        key = (repository, config.get("triton.server-path"))
+        key = self._triton_key(repository)
         async with self._triton_lock:
             models = self.triton_models.get(key, {})
             server = self.triton_servers.get(key)
@@ -240,11 +326,12 @@ class WorkerService:
                 models[model] -= 1
                 if models[model] <= 0:
                     del models[model]
+                    self.triton_model_configs[key].pop(model, None)
                     if server is not None and server.is_alive() and models:
                         await server.unload_model(model)
             if server is not None and not models:
+                del self.triton_servers[key]  # first: the watchdog must not restart it
                 await server.stop()
-                del self.triton_servers[key]
 
     def _triton_log_file(self) -> str | None:
         import os
@@ -263,6 +350,9 @@ class WorkerService:
                 await replica.stop(drain_timeout=1)
             except Exception:
                 logger.exception("stopping replica %s", replica.replica_id)
-        for server in list(self.triton_servers.values()):
-            await server.stop()
+        servers = list(self.triton_servers.values())
         self.triton_servers.clear()
+        for task in self._watchdogs.values():
+            task.cancel()
+        for server in servers:
+            await server.stop()

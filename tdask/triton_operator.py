@@ -47,11 +47,26 @@ class TritonCoreOperator(Operator):
         self.service = WorkerService.of(self.context.worker)
         self.server = await self.service.acquire_triton_model(cfg.repository, cfg.name, self.model_config)
         self.client = TritonModelClient(self.server.grpc_url)
+        self._key = self.service._triton_key(cfg.repository)
+
+    async def _current_client(self) -> Any:
+        """This worker's Triton server may have been restarted (new ports): follow it."""
+        from tdask.triton_client import TritonModelClient
+
+        server = await self.service.triton_server(self.config.repository)
+        if server is not self.server:
+            old, self.server = self.client, server
+            self.client = TritonModelClient(server.grpc_url)
+            await old.close()
+        return self.client
 
     async def execute(self, requests: list[Request]) -> None:
         for request in requests:
             try:
-                outputs = await self.client.infer(
+                client = self.client
+                if not self.server.is_alive() or self.service.triton_servers.get(self._key) is not self.server:
+                    client = await self._current_client()
+                outputs = await client.infer(
                     self.config.name, request.inputs, parameters=request.parameters,
                     request_id=request.request_id,
                 )
@@ -74,4 +89,5 @@ class TritonCoreOperator(Operator):
         server = getattr(self, "server", None)
         if server is None:
             return {}
+        server = self.service.triton_servers.get(self._key, server)
         return {"triton_pid": server.pid, "triton_grpc": server.grpc_url, "triton_metrics": server.metrics_url}

@@ -167,6 +167,16 @@ class TritonServer:
             raise TritonServerError("the Triton server has not been started")
         return self._ports[name]
 
+    async def wait(self) -> int | None:
+        """Until the process exits (for whatever reason); its exit code."""
+        if self._process is None:
+            return None
+        return await self._process.wait()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode if self._process is not None else None
+
     def is_alive(self) -> bool:
         return self._process is not None and self._process.returncode is None
 

@@ -137,3 +137,64 @@ def test_overload_is_an_explicit_error_at_once_not_an_unbounded_queue(loop, faul
 
 async def _await(f: Any) -> Any:
     return await f
+
+
+def test_triton_crash_is_noticed_restarted_and_models_reloaded(loop, fault_cluster):
+    cluster, client = fault_cluster
+
+    async def main():
+        async with tdask.Deployment(client, pipeline(encoder_replicas=1)) as deployment:
+            async with await tdask.connect(client) as session:
+                encoder = next(r for r in deployment.replicas if r["name"] == "encoder")
+                old_pid = encoder["triton_pid"]
+                load = asyncio.ensure_future(steady_load(session, 10, concurrency=4))
+                await asyncio.sleep(2)
+                os.kill(old_pid, signal.SIGKILL)
+                during = await load
+                after = await steady_load(session, 2, concurrency=4)
+                stats = await client.run(lambda dask_worker: dask_worker.extensions["tdask"].handle_stats(),
+                                         workers=[encoder["worker"]])
+                stats = stats[encoder["worker"]]
+                new_pids = [s["pid"] for s in stats["triton"]]
+                running = [psutil.Process(p).name() for p in new_pids if psutil.pid_exists(p)]
+                return old_pid, during, after, stats, new_pids, running
+
+    old_pid, during, after, stats, new_pids, running = loop.run(main(), timeout=300)
+    assert stats["triton_restarts"] == 1
+    assert len(new_pids) == 1 and new_pids[0] != old_pid and running == ["tritonserver"]
+    assert during["correct"] > 0 and during["wrong"] == 0, during
+    assert set(during) <= {"correct", "error:TritonError", "error:ReplicaUnavailableError"}, during
+    assert after == Counter({"correct": after["correct"]}) and after["correct"] > 0, after
+
+
+def test_no_request_runs_twice_and_each_gets_one_answer_through_worker_loss(loop, fault_cluster, tmp_path):
+    cluster, client = fault_cluster
+    log = tmp_path / "ran.txt"
+    cfg = OperatorConfig("tally", "sample_operators:Tally", repository=SUPPORT, replicas=2, max_inflight=4)
+
+    async def main():
+        async with tdask.Deployment(client, [cfg]) as deployment:
+            async with await tdask.connect(client) as session:
+                op = await session.operator("tally")
+                victim = deployment.replicas[0]["worker"]
+                pids = await client.run(os.getpid)
+                futures = [op.infer({"input": np.arange(3)}, {"log": str(log), "seconds": 0.3},
+                                    request_id=f"r{i}", timeout=60) for i in range(40)]
+                await asyncio.sleep(0.5)
+                os.kill(pids[victim], signal.SIGKILL)
+                outcomes = {}
+                for f in futures:
+                    try:
+                        await f
+                        outcomes[f.request_id] = "ok"
+                    except TdaskError as e:
+                        outcomes[f.request_id] = type(e).__name__
+                return outcomes
+
+    outcomes = loop.run(main(), timeout=300)
+    ran = Counter(log.read_text().split())
+    assert len(outcomes) == 40
+    assert max(ran.values()) == 1, f"a request ran twice: {[r for r, n in ran.items() if n > 1]}"
+    assert all(ran[r] == 1 for r, o in outcomes.items() if o == "ok"), "every answered request ran exactly once"
+    assert set(outcomes.values()) <= {"ok", "ReplicaUnavailableError"}, Counter(outcomes.values())
+    assert "ReplicaUnavailableError" in outcomes.values(), "the kill must have hit requests in flight"

@@ -198,3 +198,36 @@ def test_gpu_operator_without_a_gpu_worker_is_a_clear_error(loop, client, hello_
     deployment = Deployment(client, [OperatorConfig("encoder_gpu", repository=MODELS, device="GPU")])
     with pytest.raises(PlacementError, match="GPU"):
         loop.run(deployment.start(), timeout=60)
+
+
+def test_a_reference_whose_data_does_not_match_its_declared_shape_is_rejected(loop, session, hello_world):
+    async def go():
+        enc = await session.operator("encoder")
+        kept = await enc.infer({"input": np.arange(100_000)}, keep=True)
+        ref = kept["output"]
+        lying = TensorRef(ref.worker, ref.key, (5,), ref.dtype, 40)
+        missing = TensorRef(ref.worker, "no-such-key", ref.shape, ref.dtype, ref.nbytes)
+        dec = await session.operator("decoder")
+        errors = []
+        for bad in (lying, missing):
+            try:
+                await dec.infer({"input": bad})
+            except InvalidRequestError as e:
+                errors.append(str(e))
+        ok = await dec.infer({"input": ref})
+        return errors, ok
+
+    errors, ok = loop.run(go())
+    assert len(errors) == 2
+    assert "declares shape (5,)" in errors[0] and "no longer held" in errors[1]
+    assert np.array_equal(ok["output"], np.arange(100_000))
+
+
+def test_output_device_cpu_gives_numpy_and_gpu_is_refused_without_cupy(loop, session, hello_world):
+    out = infer(loop, session, "encoder_decoder", {"input": np.arange(4)}, output_device="cpu")
+    assert isinstance(out["output"], np.ndarray) and np.array_equal(out["output"], np.arange(4))
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(InvalidRequestError, match="without CuPy"):
+            infer(loop, session, "encoder", {"input": np.arange(4)}, output_device="gpu")

@@ -44,3 +44,15 @@ class Broken(Operator):
 
     async def execute(self, requests: list[Request]) -> None:
         raise ZeroDivisionError("division by zero in user code")
+
+
+class Tally(Operator):
+    """Appends ``<request id>`` to the file named by the ``log`` parameter when it starts executing,
+    then sleeps ``seconds``: lets a test count how many times each request ran."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            with open(request.parameters["log"], "a") as f:
+                f.write(f"{request.request_id}\n")
+            await asyncio.sleep(float(request.parameters.get("seconds", 0.2)))
+            await request.respond({"output": request.input("input")})
