@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None, help="seconds per system per round and cell (default 3)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per cell (default 2)")
     p.add_argument("--workers", type=int, default=1,
-                   help="worker processes of the main deployment: 1 co-locates encoder, decoder and encoder_decoder "
-                        "(one Triton server, like direct); 3 gives each its own worker (deploy's default placement)")
+                   help="worker processes of the main deployment: 1 co-locates encoder, decoder and "
+                        "encoder_decoder (one Triton server, like direct); 3 gives each its own worker "
+                        "(deploy's default placement)")
     p.add_argument("--instances", type=int, default=2, help="Triton model instances of encoder and decoder (both sides)")
     p.add_argument("--max-inflight", type=int, default=16, help="tdask max in-flight per encoder/decoder replica")
     p.add_argument("--pipeline-max-inflight", type=int, default=256, help="tdask max in-flight of encoder_decoder")
@@ -353,7 +354,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "environment": environment(),
         "settings": {
             "sizes": args.sizes, "concurrency": args.concurrency, "duration_s": args.duration,
-            "rounds": args.rounds, "workers": args.workers, "instances": args.instances, "max_inflight": args.max_inflight,
+            "rounds": args.rounds, "workers": args.workers, "instances": args.instances,
+            "max_inflight": args.max_inflight,
             "pipeline_max_inflight": args.pipeline_max_inflight, "scaling": args.scaling,
             "scaling_delay_ms_per_model": args.scaling_delay_ms, "scaling_concurrency": "4 x replicas",
             "memory_requests": args.memory_requests, "memory_concurrency": args.memory_concurrency,

@@ -23,3 +23,11 @@ def test_tdask_yaml_defaults_are_loaded_into_dask_config():
 
     assert dask.config.get("tdask.replica.max-queue-size") >= 1200  # 8 clients x 150 requests never rejected
     assert dask.config.get("tdask.triton.server-path") is None
+
+
+def test_the_code_is_ruff_clean():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
