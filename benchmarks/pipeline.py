@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes of the main deployment: 1 co-locates encoder, decoder and "
                         "encoder_decoder (one Triton server, like direct); 3 gives each its own worker "
                         "(deploy's default placement)")
-    p.add_argument("--instances", type=int, default=2, help="Triton model instances of encoder and decoder (both sides)")
+    p.add_argument("--instances", type=int, default=2,
+                   help="Triton model instances of encoder and decoder (both sides)")
     p.add_argument("--max-inflight", type=int, default=16, help="tdask max in-flight per encoder/decoder replica")
     p.add_argument("--pipeline-max-inflight", type=int, default=256, help="tdask max in-flight of encoder_decoder")
     p.add_argument("--scaling", type=int_list, default=None, help="replica counts for scaling (default 1,2,4,8)")
