@@ -7,12 +7,12 @@ import itertools
 import logging
 from typing import Any
 
-from distributed.batched import BatchedSend
 from distributed.comm import CommClosedError, connect
 
 from tdask import config
 from tdask import errors as _errors
 from tdask.errors import ReplicaUnavailableError
+from tdask.writer import CoalescingWriter
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def error_from_wire(err: dict[str, Any]) -> Exception:
 class WorkerStream:
     """All calls from this process to one worker share this comm.
 
-    Requests are written through a :class:`~distributed.batched.BatchedSend`, so many
+    Requests are written through a :class:`~tdask.writer.CoalescingWriter`, so many
     pending requests leave in one write; answers come back on the same comm, matched by
     call id. Losing the comm fails every pending call with :class:`ReplicaUnavailableError`.
     """
@@ -39,12 +39,12 @@ class WorkerStream:
         self.connection_args = connection_args
         self.pending: dict[int, asyncio.Future] = {}
         self.comm: Any = None
-        self.sender: BatchedSend | None = None
+        self.sender: CoalescingWriter | None = None
         self._reader: asyncio.Task | None = None
         self._connecting: asyncio.Lock = asyncio.Lock()
         self.bytes_received = 0
 
-    async def _ensure(self) -> BatchedSend:
+    async def _ensure(self) -> CoalescingWriter:
         if self.sender is not None and not self.comm.closed():
             return self.sender
         async with self._connecting:
@@ -58,8 +58,7 @@ class WorkerStream:
                 error = ReplicaUnavailableError(f"cannot connect to worker {self.address}: {e}")
                 error.retryable = True  # nothing was sent: safe to try another replica
                 raise error from e
-            sender = BatchedSend(interval=config.get("transfer.batch-interval"))
-            sender.start(comm)
+            sender = CoalescingWriter(comm)
             self.comm, self.sender = comm, sender
             self._reader = asyncio.ensure_future(self._read(comm))
             return sender
@@ -117,10 +116,8 @@ class WorkerStream:
     async def close(self) -> None:
         if self.sender is not None:
             self.send({"op": "close-stream"})
-            try:
-                await asyncio.wait_for(self.sender.close(), 2)
-            except Exception:
-                self.sender.abort()
+            await self.sender.flush()
+            self.sender.abort()
         if self._reader is not None:
             self._reader.cancel()
         if self.comm is not None and not self.comm.closed():

@@ -26,7 +26,7 @@ from tdask.errors import (
 from tdask.registry import ROOT, operator_key, pick_version
 from tdask.routing import choose_replica
 from tdask.service import RETRYABLE
-from tdask.tensors import TensorRef, check_tensor, is_wire_ref, nbytes, to_wire
+from tdask.tensors import TensorRef, check_tensor, from_wire, nbytes, to_wire
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,9 @@ class RemoteOperator:
         self._counter = itertools.count()
         self._down: dict[str, float] = {}
         self._refreshed = time.monotonic()
+        # read once: dask.config lookups cost more than the rest of a local call
+        self._default_timeout = config.seconds("request.timeout")
+        self._refresh_interval = config.seconds("routing.refresh-interval")
 
     def _set_record(self, record: dict[str, Any]) -> None:
         self.record = record
@@ -165,16 +168,16 @@ class RemoteOperator:
 
     async def _infer(self, inputs: Any, parameters: Any, request_id: str, keep: bool | str,
                      timeout: float | None, output_device: str | None = None) -> InferResult:
-        wire_inputs = await self._prepare_inputs(inputs, request_id)
+        checked_inputs = await self._prepare_inputs(inputs, request_id)
         params = _check_parameters(parameters, request_id)
         if keep not in (True, False, "auto"):
             raise InvalidRequestError(f"keep must be True, False or 'auto', got {keep!r}")
         if output_device not in (None, "cpu", "gpu"):
             raise InvalidRequestError(f"output_device must be None, 'cpu' or 'gpu', got {output_device!r}")
         if timeout is None:
-            timeout = config.seconds("request.timeout")
+            timeout = self._default_timeout
         deadline = time.monotonic() + timeout
-        if time.monotonic() - self._refreshed > config.seconds("routing.refresh-interval") or not self.replicas:
+        if time.monotonic() - self._refreshed > self._refresh_interval or not self.replicas:
             await self.refresh()
         tried: set[str] = set()
         last_error: Exception | None = None
@@ -197,23 +200,25 @@ class RemoteOperator:
                 raise ReplicaUnavailableError(f"operator {self.name!r} has no running replica")
             tried.add(replica)
             worker = self.replicas[replica]
-            msg = {"op": "infer", "replica": replica, "request_id": request_id, "inputs": wire_inputs,
+            msg = {"op": "infer", "replica": replica, "request_id": request_id, "inputs": checked_inputs,
                    "parameters": params, "keep": keep, "output_device": output_device}
             self.outstanding[replica] += 1
             local = self.session.local_service
             if local is not None and worker == local.worker.address:
-                call = local.call_local(msg)  # same process: no comm, no serialization
+                call = local.call_local(msg)  # same process: no comm, no serialization, no copy
             else:
+                msg["inputs"] = {k: to_wire(v) for k, v in checked_inputs.items()}
                 call = self.session.pool.get(worker).call(msg)
             try:
-                reply = await asyncio.wait_for(call, max(0.0, deadline - time.monotonic()))
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):  # no extra task
+                    reply = await call
             except TimeoutError:
                 raise RequestTimeoutError(
                     f"request {request_id} to operator {self.name!r} (replica {replica} on {worker}) "
                     f"had no answer within {timeout:g} s"
                 ) from None
             except ReplicaUnavailableError as e:
-                self._down[replica] = time.monotonic() + config.seconds("routing.refresh-interval")
+                self._down[replica] = time.monotonic() + self._refresh_interval
                 if getattr(e, "retryable", False) or self.idempotent:
                     last_error = e
                     continue
@@ -224,12 +229,11 @@ class RemoteOperator:
                 error = error_from_wire(reply["error"])
                 if reply["error"].get("type") in RETRYABLE:
                     if reply["error"].get("type") == "ReplicaUnavailableError":
-                        self._down[replica] = time.monotonic() + config.seconds("routing.refresh-interval")
+                        self._down[replica] = time.monotonic() + self._refresh_interval
                     last_error = error
                     continue
                 raise error
-            outputs = {name: TensorRef.from_wire(v) if is_wire_ref(v) else v
-                       for name, v in reply["outputs"].items()}
+            outputs = {name: from_wire(v) for name, v in reply["outputs"].items()}
             return InferResult(self.session, outputs, replica, worker, request_id)
 
     async def _prepare_inputs(self, inputs: Any, request_id: str) -> dict[str, Any]:
@@ -246,14 +250,14 @@ class RemoteOperator:
                 value = await value.resolve()
             value = check_tensor(name, value)
             size += value.nbytes if isinstance(value, TensorRef) else nbytes(value)
-            wire[name] = to_wire(value)
+            wire[name] = value
         limit = int(config.get("replica.max-request-bytes"))
         if size > limit:
             raise InvalidRequestError(
                 f"request {request_id}: inputs are {size} bytes, over the per-request limit of {limit} bytes "
                 "(tdask.replica.max-request-bytes)"
             )
-        return wire
+        return wire  # encoded for the wire only when the replica is in another process
 
 
 def _check_parameters(parameters: Any, request_id: str) -> dict[str, Any]:

@@ -8,15 +8,15 @@ import threading
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from distributed.batched import BatchedSend
 from distributed.comm import CommClosedError
 from distributed.core import Status
-from distributed.protocol import Serialize, to_serialize
+from distributed.protocol import to_serialize
 
 from tdask import config
 from tdask.errors import InvalidRequestError, ReplicaUnavailableError, TdaskError
 from tdask.store import OutputStore
-from tdask.tensors import TensorRef, is_array, is_wire_ref, nbytes
+from tdask.tensors import TensorRef, from_wire, inline_threshold, is_array, is_wire_ref, nbytes, to_wire
+from tdask.writer import CoalescingWriter
 
 if TYPE_CHECKING:
     from tdask.replica import Replica
@@ -90,9 +90,7 @@ class WorkerService:
 
     # -- the request stream ----------------------------------------------------------
     async def handle_stream(self, comm: Any, **kwargs: Any) -> Status:
-        interval = config.get("transfer.batch-interval")
-        sender = BatchedSend(interval=interval)
-        sender.start(comm)
+        sender = CoalescingWriter(comm)
         self.streams.add(comm)
         tasks: set[asyncio.Task] = set()
         try:
@@ -120,7 +118,7 @@ class WorkerService:
             sender.abort()
         return Status.dont_reply
 
-    async def _serve(self, msg: dict[str, Any], sender: BatchedSend) -> None:
+    async def _serve(self, msg: dict[str, Any], sender: CoalescingWriter) -> None:
         call_id = msg["id"]
         replica = self.replicas.get(msg.get("replica"))
         try:
@@ -151,7 +149,7 @@ class WorkerService:
                 raise ReplicaUnavailableError(
                     f"replica {msg.get('replica')} is not running on worker {self.worker.address}"
                 )
-            inputs = {k: (v.data if isinstance(v, Serialize) else v) for k, v in (msg.get("inputs") or {}).items()}
+            inputs = {k: (v.to_wire() if isinstance(v, TensorRef) else v) for k, v in (msg.get("inputs") or {}).items()}
             outputs = await replica.handle(msg.get("request_id", ""), inputs, msg.get("parameters") or {})
             outputs = place_outputs(outputs, msg.get("output_device"))
             return {"outputs": self._encode_outputs(outputs, msg.get("keep", False), serialize=False)}
@@ -162,14 +160,14 @@ class WorkerService:
             return {"error": error_to_wire(e)}
 
     def _encode_outputs(self, outputs: dict[str, Any], keep: bool | str, serialize: bool = True) -> dict[str, Any]:
-        threshold = int(config.get("transfer.inline-threshold"))
+        threshold = inline_threshold()
         encoded = {}
         for name, value in outputs.items():
             kept = keep is True or (keep == "auto" and nbytes(value) > threshold)
             if kept and nbytes(value) > threshold:
                 encoded[name] = self.store.put(value).to_wire()
             else:
-                encoded[name] = to_serialize(value) if serialize else value
+                encoded[name] = to_wire(value) if serialize else value
         return encoded
 
     def handle_stats(self) -> dict[str, Any]:
@@ -197,6 +195,7 @@ class WorkerService:
         refs: dict[str, TensorRef] = {}
         resolved = {}
         for name, value in inputs.items():
+            value = from_wire(value) if isinstance(value, dict) and not is_wire_ref(value) else value
             if is_wire_ref(value):
                 ref = TensorRef.from_wire(value)
                 refs[name] = ref

@@ -55,12 +55,42 @@ def check_tensor(name: Any, value: Any) -> Any:
     raise InvalidRequestError(f"input {name!r} must be an array, got {type(value).__name__}")
 
 
+_ND = "__tdask_nd__"
+_inline_limit: int | None = None
+
+
+def inline_threshold() -> int:
+    """``tdask.transfer.inline-threshold``, read once per process."""
+    global _inline_limit
+    if _inline_limit is None:
+        from tdask import config
+
+        _inline_limit = int(config.get("transfer.inline-threshold"))
+    return _inline_limit
+
+
 def to_wire(value: Any) -> Any:
+    """Small NumPy arrays ride inside the message as raw bytes (no serializer machinery);
+    large ones and device arrays (CuPy: Dask's ``cuda`` serializer) travel as frames."""
     if isinstance(value, TensorRef):
         return value.to_wire()
     if isinstance(value, Serialize):
         return value
+    if (isinstance(value, np.ndarray) and value.dtype.kind in "biuf" and value.nbytes <= inline_threshold()
+            and value.flags.c_contiguous):
+        return {_ND: True, "dtype": value.dtype.str, "shape": list(value.shape), "data": value.data}
     return to_serialize(value)
+
+
+def from_wire(value: Any) -> Any:
+    """The array (or :class:`TensorRef`) a wire value stands for."""
+    if isinstance(value, dict):
+        if value.get(_ND) is True:
+            arr = np.frombuffer(value["data"], dtype=np.dtype(value["dtype"]))
+            return arr.reshape(value["shape"]).copy()  # writable, like any other input
+        if value.get(_REF) is True:
+            return TensorRef.from_wire(value)
+    return value
 
 
 def nbytes(value: Any) -> int:
