@@ -38,8 +38,12 @@ class TritonCoreOperator(Operator):
         from tdask.triton_config import merge_model_config, read_model_config
 
         cfg = self.config
+        self._cupy = None
         if cfg.device == "GPU":
             check_gpu()
+            import cupy
+
+            self._cupy = cupy
         base = read_model_config(cfg.repository, cfg.name)
         self.model_config = merge_model_config(
             base, name=cfg.name, instance_count=cfg.instances, device=cfg.device, parameters=dict(cfg.parameters)
@@ -66,10 +70,16 @@ class TritonCoreOperator(Operator):
                 client = self.client
                 if not self.server.is_alive() or self.service.triton_servers.get(self._key) is not self.server:
                     client = await self._current_client()
+                inputs = request.inputs
+                if self._cupy is not None:  # the gRPC hop to Triton is staged through host memory
+                    inputs = {k: (self._cupy.asnumpy(v) if hasattr(v, "__cuda_array_interface__") else v)
+                              for k, v in inputs.items()}
                 outputs = await client.infer(
-                    self.config.name, request.inputs, parameters=request.parameters,
+                    self.config.name, inputs, parameters=request.parameters,
                     request_id=request.request_id,
                 )
+                if self._cupy is not None:  # and GPU operators hand device arrays to the next operator
+                    outputs = {k: self._cupy.asarray(v) for k, v in outputs.items()}
             except TdaskError as e:
                 request.fail(e)
                 continue

@@ -109,30 +109,46 @@ def test_overload_is_an_explicit_error_at_once_not_an_unbounded_queue(loop, faul
     cluster, client = fault_cluster
     cfg = OperatorConfig("sleepy", "sample_operators:Sleepy", repository=SUPPORT, max_inflight=2, max_queue_size=3)
 
-    async def main() -> tuple[Counter, float]:
-        async with tdask.Deployment(client, [cfg]):
+    def rss(dask_worker=None) -> int:
+        return psutil.Process().memory_info().rss
+
+    async def burst(op) -> tuple[Counter, float | None]:
+        start = time.monotonic()
+        futures = [asyncio.ensure_future(_await(op.infer({"input": np.arange(10_000)}, {"seconds": 0.2})))
+                   for _ in range(50)]  # 10x what the replica holds (2 running + 3 queued)
+        outcome: Counter = Counter()
+        first_rejection = None
+        for f in asyncio.as_completed(futures):
+            try:
+                await f
+                outcome["ok"] += 1
+            except OverloadedError as e:
+                assert "overloaded" in str(e) and "max-queue-size 3" in str(e)
+                outcome["overloaded"] += 1
+                first_rejection = first_rejection or time.monotonic() - start
+        return outcome, first_rejection
+
+    async def main():
+        async with tdask.Deployment(client, [cfg]) as deployment:
+            worker = deployment.replicas[0]["worker"]
             async with await tdask.connect(client) as session:
                 op = await session.operator("sleepy")
-                start = time.monotonic()
-                futures = [op.infer({"input": np.arange(3)}, {"seconds": 1.0}) for _ in range(50)]
-                outcome: Counter = Counter()
-                first_rejection = None
-                for f in asyncio.as_completed([asyncio.ensure_future(_await(f)) for f in futures]):
-                    try:
-                        await f
-                        outcome["ok"] += 1
-                    except OverloadedError as e:
-                        assert "overloaded" in str(e) and "max-queue-size 3" in str(e)
-                        outcome["overloaded"] += 1
-                        first_rejection = first_rejection or time.monotonic() - start
-                # and the operator still serves once the burst is over
+                first, first_rejection = await burst(op)
+                rss_after_first = (await client.run(rss, workers=[worker]))[worker]
+                for _ in range(9):
+                    outcome, _ = await burst(op)
+                    assert outcome == first, outcome
+                rss_after_ten = (await client.run(rss, workers=[worker]))[worker]
+                # and the operator still serves once the bursts are over
                 r = await op.infer({"input": np.arange(3)}, {"seconds": 0})
                 assert np.array_equal(r["output"], np.arange(3))
-                return outcome, first_rejection
+                return first, first_rejection, rss_after_first, rss_after_ten
 
-    outcome, first_rejection = loop.run(main(), timeout=120)
+    outcome, first_rejection, rss1, rss10 = loop.run(main(), timeout=180)
     assert outcome == Counter({"ok": 5, "overloaded": 45}), outcome  # 2 running + 3 queued
-    assert first_rejection < 1.0, "rejections come at once, before any request finished"
+    assert first_rejection < 0.2, "rejections come at once, before any request finished"
+    # bounded: nine more 10x bursts leave the replica's worker where the first left it
+    assert rss10 - rss1 < 50 * 2**20, f"worker memory grew by {(rss10 - rss1) / 2**20:.0f} MiB"
 
 
 async def _await(f: Any) -> Any:
