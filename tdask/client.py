@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parameter", type=_parameter, action="append", default=[], metavar="KEY=VALUE",
                    help="request parameter, e.g. input_copies=2 or delay=0.001 (repeatable)")
     p.add_argument("--timeout", type=float, default=None, help="per-request timeout in seconds")
+    p.add_argument("--output-device", choices=("cpu", "gpu"), default=None,
+                   help="have outputs come back as NumPy (cpu) or stay CuPy arrays on the GPU (gpu); "
+                        "default: as the operator produced them")
     p.add_argument("--seed", type=int, default=0, help="random seed for input sizes and values")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the summary as JSON to FILE ('-': stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -99,10 +102,13 @@ async def run_client(index: int, op: RemoteOperator, args: argparse.Namespace, s
             replica = None
             try:
                 result = await op.infer({"input": make_input(args.operator, x, copies)}, params,
-                                        request_id=request_id, timeout=args.timeout)
+                                        request_id=request_id, timeout=args.timeout,
+                                        output_device=args.output_device)
                 replica = f"{result.replica}@{result.worker}"
                 expected = expected_output(args.operator, x, copies)
                 output = result["output"]
+                if hasattr(output, "__cuda_array_interface__"):  # checked on the host
+                    output = output.get()
                 if expected is not None and not (output.shape == expected.shape and np.array_equal(output, expected)):
                     stats.wrong += 1
                     error = f"wrong output (shape {output.shape}, expected {expected.shape})"

@@ -60,3 +60,49 @@ def test_hello_world_over_ucx_with_a_thousand_concurrent_requests(tmp_path):
         assert not BAD.search(logs), BAD.search(logs).group(0)
     finally:
         deploy.stop()
+
+
+def test_dask_scheduler_and_workers_over_ucx_with_deploy_and_client(tmp_path):
+    import os
+
+    from test_cli import free_port
+
+    env = python_env(DASK_TDASK__ADDRESS_FILE=str(tmp_path / "addr.json"), **UCX_ENV)
+    port = free_port()
+    address = f"ucx://127.0.0.1:{port}"
+    dask_bin = os.path.join(os.path.dirname(sys.executable), "dask")
+    scheduler = Proc([dask_bin, "scheduler", "--protocol", "ucx", "--host", "127.0.0.1", "--port", str(port),
+                      "--dashboard-address", ":0"], tmp_path / "scheduler.log", env)
+    workers = []
+    try:
+        scheduler.wait_for("Scheduler at:", timeout=120)
+        for i in range(3):
+            workers.append(Proc([dask_bin, "worker", address, "--nthreads", "1", "--name", f"w{i}",
+                                 "--host", "127.0.0.1"], tmp_path / f"worker{i}.log", env))
+        for w in workers:
+            w.wait_for("Starting established connection", timeout=120)
+        deploy = Proc([sys.executable, "-m", "deploy", "--scheduler-address", address], tmp_path / "deploy.log", env)
+        try:
+            deploy.wait_for("press Ctrl-C to Exit", timeout=240)
+            assert all(w.startswith("ucx://") for w in re.findall(r"on worker (\S+):", deploy.text()))
+            check_client_output(run_client(env, "--scheduler-address", address, "--requests-per-client", "10",
+                                           "--output-device", "cpu"), 10)
+            deploy.p.send_signal(signal.SIGTERM)
+            assert deploy.p.wait(120) == 0, deploy.text()[-3000:]
+        finally:
+            deploy.stop()
+    finally:
+        for w in workers:
+            w.p.send_signal(signal.SIGTERM)
+        codes = []
+        for w in workers:
+            try:
+                codes.append(w.p.wait(60))
+            finally:
+                w.stop()
+        scheduler.p.send_signal(signal.SIGTERM)
+        codes.append(scheduler.p.wait(60))
+        scheduler.stop()
+    logs = "".join(p.read_text() for p in tmp_path.glob("*.log"))
+    assert not BAD.search(logs), BAD.search(logs).group(0)
+    assert codes == [0, 0, 0, 0], f"worker and scheduler exit codes: {codes}"
