@@ -69,6 +69,7 @@ class WorkerService:
         self.triton_restarts = 0
         self._triton_lock: asyncio.Lock | None = None
         self.streams: set[Any] = set()
+        self._reaper: asyncio.Task | None = None
         worker.handlers["tdask_stream"] = self.handle_stream
         worker.handlers["tdask_fetch"] = self.handle_fetch
         worker.handlers["tdask_stats"] = self.handle_stats
@@ -84,6 +85,24 @@ class WorkerService:
     # -- replicas --------------------------------------------------------------------
     def add_replica(self, replica: Replica) -> None:
         self.replicas[replica.replica_id] = replica
+        if self._reaper is None:
+            self._reaper = asyncio.ensure_future(self._reap_orphans())
+
+    async def _reap_orphans(self, interval: float = 2.0) -> None:
+        """Stop replicas whose actor Dask has released (their deployer went away without
+        stopping them, e.g. ``python -m deploy`` was SIGKILLed), so their Triton models and
+        servers do not outlive the deployment on workers the user keeps running."""
+        while True:
+            await asyncio.sleep(interval)
+            live = {id(a) for a in self.worker.state.actors.values()}
+            for rid, replica in list(self.replicas.items()):
+                if id(replica) not in live:
+                    logger.warning("replica %s of %s was released by its deployer; stopping it", rid,
+                                   replica.config.name)
+                    try:
+                        await replica.stop(drain_timeout=5)
+                    except Exception:
+                        logger.exception("stopping orphaned replica %s", rid)
 
     def remove_replica(self, replica_id: str) -> None:
         self.replicas.pop(replica_id, None)
@@ -349,6 +368,8 @@ class WorkerService:
                 await replica.stop(drain_timeout=1)
             except Exception:
                 logger.exception("stopping replica %s", replica.replica_id)
+        if self._reaper is not None:
+            self._reaper.cancel()
         servers = list(self.triton_servers.values())
         self.triton_servers.clear()
         for task in self._watchdogs.values():

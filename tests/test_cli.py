@@ -169,6 +169,22 @@ def test_dask_scheduler_and_worker_clis_with_deploy_and_client(tmp_path):
                 assert again.p.wait(120) == 0
             finally:
                 again.stop()
+            # a deploy that dies without cleaning up (SIGKILL): its replicas are released by Dask and
+            # the workers stop them, Triton servers included, while the workers keep running
+            killed = Proc([PY, "-m", "deploy", "--scheduler-address", address], tmp_path / "deploy3.log", env)
+            try:
+                killed.wait_for("press Ctrl-C to Exit")
+                servers = {p.pid for w in workers for p in w.descendants() if p.name() == "tritonserver"}
+                assert len(servers) == 2
+                killed.p.kill()
+                killed.p.wait(30)
+                end = time.time() + 60
+                while time.time() < end and servers & tritonservers():
+                    time.sleep(0.5)
+                assert not servers & tritonservers(), "orphaned replicas' Triton servers must stop"
+                assert all(w.p.poll() is None for w in workers)
+            finally:
+                killed.stop()
         finally:
             deploy.stop()
     finally:
