@@ -9,7 +9,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,24 +41,24 @@ def _device(value: str) -> str:
     return v
 
 
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
+def _at_least(cast: type, minimum: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: ``cast(value) >= minimum``, else a message naming ``what`` was expected."""
+
+    def parse(value: str) -> Any:
+        try:
+            number = cast(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        return number
+
+    parse.__name__ = what
+    return parse
 
 
-def _non_negative_float(value: str) -> float:
-    try:
-        f = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if f < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    return f
+_positive = _at_least(int, 1, "a positive integer")
+_non_negative_float = _at_least(float, 0, "a number >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,8 @@ from tdask.errors import (
 from tdask.registry import ROOT, operator_key, pick_version
 from tdask.routing import choose_replica
 from tdask.service import RETRYABLE
-from tdask.tensors import TensorRef, check_tensor, from_wire, nbytes, to_wire
+from tdask.store import fetch_kept
+from tdask.tensors import TensorRef, check_request_size, check_tensor, from_wire, to_wire
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,7 @@ class InferResult:
         """The tensor ``name`` as an array, fetched from its worker if it was kept there."""
         value = self.outputs[name]
         if isinstance(value, TensorRef):
-            got = await self._session.rpc(value.worker).tdask_fetch(keys=[value.key])
-            if isinstance(got, dict) and got.get("status") == "uncaught-error":
-                raise InvalidRequestError(str(got.get("exception")))
-            return got[value.key]
+            return (await fetch_kept(self._session.rpc, value.worker, [value.key]))[value.key]
         return value
 
 
@@ -203,7 +201,6 @@ class RemoteOperator:
             msg = {"op": "infer", "replica": replica, "request_id": request_id, "inputs": checked_inputs,
                    "parameters": params, "keep": keep, "output_device": output_device}
             self.outstanding[replica] += 1
-            local = self.session.local_service
             if local is not None and worker == local.worker.address:
                 call = local.call_local(msg)  # same process: no comm, no serialization, no copy
             else:
@@ -243,21 +240,13 @@ class RemoteOperator:
             raise InvalidRequestError(
                 f"request {request_id}: inputs must be a mapping of names to tensors, got {type(inputs).__name__}"
             )
-        wire = {}
-        size = 0
+        checked = {}
         for name, value in inputs.items():
             if isinstance(value, OutputOf):
                 value = await value.resolve()
-            value = check_tensor(name, value)
-            size += value.nbytes if isinstance(value, TensorRef) else nbytes(value)
-            wire[name] = value
-        limit = int(config.get("replica.max-request-bytes"))
-        if size > limit:
-            raise InvalidRequestError(
-                f"request {request_id}: inputs are {size} bytes, over the per-request limit of {limit} bytes "
-                "(tdask.replica.max-request-bytes)"
-            )
-        return wire  # encoded for the wire only when the replica is in another process
+            checked[name] = check_tensor(name, value)
+        check_request_size(checked, request_id)
+        return checked  # encoded for the wire only when the replica is in another process
 
 
 def _check_parameters(parameters: Any, request_id: str) -> dict[str, Any]:

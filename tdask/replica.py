@@ -10,9 +10,8 @@ from typing import Any
 
 from distributed import get_worker
 
-from tdask import config
+from tdask import config as tdask_config
 from tdask.errors import (
-    InvalidRequestError,
     OperatorError,
     OverloadedError,
     ReplicaUnavailableError,
@@ -20,7 +19,7 @@ from tdask.errors import (
 )
 from tdask.metrics import LatencyLog
 from tdask.operator import Operator, OperatorConfig, OperatorContext, Request
-from tdask.tensors import is_array, nbytes
+from tdask.tensors import check_request_size, is_array
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +66,9 @@ class Replica:
         self.service = WorkerService.of(self.worker)
         self.stats = ReplicaStats()
         self.operator: Operator | None = None
-        self.max_queue = (
-            config.max_queue_size if config.max_queue_size is not None else int(config_get("replica.max-queue-size"))
-        )
+        self.max_queue = config.max_queue_size
+        if self.max_queue is None:
+            self.max_queue = int(tdask_config.get("replica.max-queue-size"))
         self._slots: asyncio.Semaphore | None = None
         self._state = "created"
         self._idle: asyncio.Event | None = None
@@ -95,7 +94,7 @@ class Replica:
             return
         self._state = "stopping"
         if drain_timeout is None:
-            drain_timeout = config.seconds("replica.drain-timeout")
+            drain_timeout = tdask_config.seconds("replica.drain-timeout")
         if self._idle is not None:
             try:
                 await asyncio.wait_for(self._idle.wait(), drain_timeout)
@@ -157,13 +156,7 @@ class Replica:
         return outputs
 
     async def _execute(self, request_id: str, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
-        limit = int(config_get("replica.max-request-bytes"))
-        size = sum(nbytes(v) for v in inputs.values())
-        if size > limit:
-            raise InvalidRequestError(
-                f"request {request_id}: inputs are {size} bytes, over the per-request limit of {limit} bytes "
-                "(tdask.replica.max-request-bytes)"
-            )
+        check_request_size(inputs, request_id)
         inputs = await self.service.resolve_inputs(inputs)
         request = Request(request_id, inputs, parameters)
         try:
@@ -186,6 +179,3 @@ class Replica:
                 raise OperatorError(f"operator {self.config.name!r} returned a non-array output {name!r}")
         return outputs
 
-
-def config_get(key: str) -> Any:
-    return config.get(key)

@@ -14,8 +14,8 @@ from distributed.protocol import to_serialize
 
 from tdask import config
 from tdask.errors import InvalidRequestError, ReplicaUnavailableError, TdaskError
-from tdask.store import OutputStore
-from tdask.tensors import TensorRef, from_wire, inline_threshold, is_array, is_wire_ref, nbytes, to_wire
+from tdask.store import OutputStore, fetch_kept
+from tdask.tensors import TensorRef, from_wire, inline_threshold, is_array, nbytes, to_wire
 from tdask.writer import CoalescingWriter
 
 if TYPE_CHECKING:
@@ -137,10 +137,10 @@ class WorkerService:
             sender.abort()
         return Status.dont_reply
 
-    async def _serve(self, msg: dict[str, Any], sender: CoalescingWriter) -> None:
-        call_id = msg["id"]
-        replica = self.replicas.get(msg.get("replica"))
+    async def _answer(self, msg: dict[str, Any], serialize: bool) -> dict[str, Any]:
+        """Run one request on its replica: outputs or an error, never nothing."""
         try:
+            replica = self.replicas.get(msg.get("replica"))
             if replica is None:
                 raise ReplicaUnavailableError(
                     f"replica {msg.get('replica')} is not running on worker {self.worker.address}"
@@ -148,13 +148,18 @@ class WorkerService:
             outputs = await replica.handle(msg.get("request_id", ""), msg.get("inputs") or {},
                                            msg.get("parameters") or {})
             outputs = place_outputs(outputs, msg.get("output_device"))
-            reply = {"id": call_id, "outputs": self._encode_outputs(outputs, msg.get("keep", False))}
-        except asyncio.CancelledError:
-            reply = {"id": call_id, "error": error_to_wire(ReplicaUnavailableError("request cancelled"))}
-        except BaseException as e:  # every request gets an answer
+            return {"outputs": self._encode_outputs(outputs, msg.get("keep", False), serialize)}
+        except Exception as e:
             if not isinstance(e, TdaskError):
                 logger.exception("request %s failed", msg.get("request_id"))
-            reply = {"id": call_id, "error": error_to_wire(e)}
+            return {"error": error_to_wire(e)}
+
+    async def _serve(self, msg: dict[str, Any], sender: CoalescingWriter) -> None:
+        try:
+            reply = await self._answer(msg, serialize=True)
+        except asyncio.CancelledError:
+            reply = {"error": error_to_wire(ReplicaUnavailableError("request cancelled"))}
+        reply["id"] = msg["id"]
         try:
             sender.send(reply)
         except CommClosedError:
@@ -162,28 +167,14 @@ class WorkerService:
 
     async def call_local(self, msg: dict[str, Any]) -> dict[str, Any]:
         """A request from an operator in this same process: no comm, no (de)serialization."""
-        replica = self.replicas.get(msg.get("replica"))
-        try:
-            if replica is None:
-                raise ReplicaUnavailableError(
-                    f"replica {msg.get('replica')} is not running on worker {self.worker.address}"
-                )
-            inputs = {k: (v.to_wire() if isinstance(v, TensorRef) else v) for k, v in (msg.get("inputs") or {}).items()}
-            outputs = await replica.handle(msg.get("request_id", ""), inputs, msg.get("parameters") or {})
-            outputs = place_outputs(outputs, msg.get("output_device"))
-            return {"outputs": self._encode_outputs(outputs, msg.get("keep", False), serialize=False)}
-        except TdaskError as e:
-            return {"error": error_to_wire(e)}
-        except Exception as e:  # every request gets an answer
-            logger.exception("request %s failed", msg.get("request_id"))
-            return {"error": error_to_wire(e)}
+        return await self._answer(msg, serialize=False)
 
     def _encode_outputs(self, outputs: dict[str, Any], keep: bool | str, serialize: bool = True) -> dict[str, Any]:
         threshold = inline_threshold()
         encoded = {}
         for name, value in outputs.items():
-            kept = keep is True or (keep == "auto" and nbytes(value) > threshold)
-            if kept and nbytes(value) > threshold:
+            # kept on this worker when asked and large; small outputs always travel with the answer
+            if keep in (True, "auto") and nbytes(value) > threshold:
                 encoded[name] = self.store.put(value).to_wire()
             else:
                 encoded[name] = to_wire(value) if serialize else value
@@ -214,25 +205,19 @@ class WorkerService:
         refs: dict[str, TensorRef] = {}
         resolved = {}
         for name, value in inputs.items():
-            value = from_wire(value) if isinstance(value, dict) and not is_wire_ref(value) else value
-            if is_wire_ref(value):
-                ref = TensorRef.from_wire(value)
-                refs[name] = ref
-                if ref.worker == self.worker.address:
-                    resolved[name] = self.store.get(ref.key)
+            value = from_wire(value)
+            if isinstance(value, TensorRef):
+                refs[name] = value
+                if value.worker == self.worker.address:
+                    resolved[name] = self.store.get(value.key)
                 else:
-                    remote[ref.worker].append((name, ref.key))
+                    remote[value.worker].append((name, value.key))
             elif is_array(value):
                 resolved[name] = value
             else:
                 raise InvalidRequestError(f"input {name!r} is not a tensor ({type(value).__name__})")
         for address, wanted in remote.items():
-            try:
-                got = await self.worker.rpc(address).tdask_fetch(keys=[key for _, key in wanted])
-            except OSError as e:
-                raise ReplicaUnavailableError(f"cannot fetch input tensors from worker {address}: {e}") from e
-            if isinstance(got, dict) and got.get("status") == "uncaught-error":
-                raise InvalidRequestError(str(got.get("exception")))
+            got = await fetch_kept(self.worker.rpc, address, [key for _, key in wanted])
             for name, key in wanted:
                 resolved[name] = got[key]
         for name, ref in refs.items():

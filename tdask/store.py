@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from tdask import config
-from tdask.errors import InvalidRequestError
+from tdask.errors import InvalidRequestError, ReplicaUnavailableError
 from tdask.tensors import TensorRef
 
 
@@ -49,3 +49,14 @@ class OutputStore:
     @property
     def nbytes(self) -> int:
         return sum(int(getattr(v, "nbytes", 0)) for v, _ in self._data.values())
+
+
+async def fetch_kept(rpc: Any, address: str, keys: list[str]) -> dict[str, Any]:
+    """Tensors kept on worker ``address``, by key, through its ``tdask_fetch`` handler."""
+    try:
+        got = await rpc(address).tdask_fetch(keys=keys)
+    except OSError as e:
+        raise ReplicaUnavailableError(f"cannot fetch tensors from worker {address}: {e}") from e
+    if isinstance(got, dict) and got.get("status") == "uncaught-error":
+        raise InvalidRequestError(str(got.get("exception")))
+    return got

@@ -32,10 +32,6 @@ class TensorRef:
         return cls(msg["worker"], msg["key"], tuple(msg["shape"]), msg["dtype"], msg["nbytes"])
 
 
-def is_wire_ref(value: Any) -> bool:
-    return isinstance(value, dict) and value.get(_REF) is True
-
-
 def is_array(value: Any) -> bool:
     """NumPy or any array with the array interface CuPy exposes (no CuPy import needed)."""
     return isinstance(value, np.ndarray) or hasattr(value, "__cuda_array_interface__")
@@ -95,3 +91,16 @@ def from_wire(value: Any) -> Any:
 
 def nbytes(value: Any) -> int:
     return int(getattr(value, "nbytes", 0))
+
+
+def check_request_size(inputs: dict[str, Any], request_id: str) -> None:
+    """Reject a request over ``tdask.replica.max-request-bytes`` (checked by callers and replicas)."""
+    from tdask import config
+
+    size = sum(nbytes(v) for v in inputs.values())
+    limit = int(config.get("replica.max-request-bytes"))
+    if size > limit:
+        raise InvalidRequestError(
+            f"request {request_id}: inputs are {size} bytes, over the per-request limit of {limit} bytes "
+            "(tdask.replica.max-request-bytes)"
+        )

@@ -129,6 +129,7 @@ class TritonModelClient:
         self._metadata: dict[str, Any] = {}
         self._ratio: dict[str, float] = {}  # model -> largest output/input byte ratio seen
         self.shm_calls = 0
+        self._shm_threshold = int(config.get("triton.shared-memory-threshold") or 0)  # read once, not per call
 
     @property
     def client(self) -> grpcclient.InferenceServerClient:
@@ -166,7 +167,7 @@ class TritonModelClient:
         model_version: str = "",
     ) -> dict[str, np.ndarray]:
         """Run one request; return every output (or the named ones) as numpy arrays."""
-        threshold = int(config.get("triton.shared-memory-threshold") or 0)
+        threshold = self._shm_threshold
         if threshold > 0:
             size = 0
             for name, array in inputs.items():
