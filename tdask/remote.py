@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 import uuid
 import weakref
@@ -32,6 +33,17 @@ from tdask.tensors import TensorRef, check_request_size, check_tensor, from_wire
 logger = logging.getLogger(__name__)
 
 _PARAM_TYPES = (bool, int, float, str)
+_request_ids = itertools.count()
+_id_prefix: tuple[int, str] = (0, "")
+
+
+def new_request_id() -> str:
+    """A random per-process prefix and a counter: unique, and cheaper than a uuid4 per request."""
+    global _id_prefix
+    pid = os.getpid()
+    if _id_prefix[0] != pid:  # a forked child must not repeat its parent's ids
+        _id_prefix = (pid, uuid.uuid4().hex[:6])
+    return f"{_id_prefix[1]}{next(_request_ids):06x}"
 
 
 class InferResult:
@@ -127,6 +139,7 @@ class RemoteOperator:
     def _set_record(self, record: dict[str, Any]) -> None:
         self.record = record
         self.replicas: dict[str, str] = {r["replica"]: r["worker"] for r in record.get("replicas", [])}
+        self._replica_list = list(self.replicas)
         self.idempotent = bool(record.get("config", {}).get("idempotent", False))
 
     def __repr__(self) -> str:
@@ -160,7 +173,7 @@ class RemoteOperator:
         keeps only outputs above ``tdask.transfer.inline-threshold``. ``output_device="cpu"``
         returns NumPy arrays, ``"gpu"`` CuPy arrays on the replica's GPU; ``None`` as produced.
         """
-        request_id = request_id or uuid.uuid4().hex[:12]
+        request_id = request_id or new_request_id()
         task = asyncio.ensure_future(self._infer(inputs, parameters, request_id, keep, timeout, output_device))
         return InferFuture(task, request_id)
 
@@ -179,19 +192,22 @@ class RemoteOperator:
             await self.refresh()
         tried: set[str] = set()
         last_error: Exception | None = None
+        local = self.session.local_service
         while True:
-            now = time.monotonic()
-            down = {r for r, until in self._down.items() if until > now}
-            replica = choose_replica(list(self.replicas), self.outstanding, next(self._counter), tried | down)
-            local = self.session.local_service
+            if self._down:
+                now = time.monotonic()
+                excluded = tried | {r for r, until in self._down.items() if until > now}
+            else:
+                excluded = tried
+            replica = choose_replica(self._replica_list, self.outstanding, next(self._counter), excluded)
             if replica is not None and local is not None and self.replicas[replica] != local.worker.address:
                 # keep the request in this process when a replica here is as lightly loaded
                 mine = [r for r, w in self.replicas.items() if w == local.worker.address]
-                best = choose_replica(mine, self.outstanding, next(self._counter), tried | down) if mine else None
+                best = choose_replica(mine, self.outstanding, next(self._counter), excluded) if mine else None
                 if best is not None and self.outstanding[best] <= self.outstanding[replica]:
                     replica = best
-            if replica is None and not tried and down:
-                replica = choose_replica(list(self.replicas), self.outstanding, next(self._counter), tried)
+            if replica is None and not tried and excluded:
+                replica = choose_replica(self._replica_list, self.outstanding, next(self._counter), tried)
             if replica is None:
                 if last_error is not None:
                     raise last_error

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from distributed.protocol import Serialize, to_serialize
 
+from tdask import config
 from tdask.errors import InvalidRequestError
 
 _REF = "__tdask_ref__"
@@ -59,8 +60,6 @@ def inline_threshold() -> int:
     """``tdask.transfer.inline-threshold``, read once per process."""
     global _inline_limit
     if _inline_limit is None:
-        from tdask import config
-
         _inline_limit = int(config.get("transfer.inline-threshold"))
     return _inline_limit
 
@@ -95,10 +94,8 @@ def nbytes(value: Any) -> int:
 
 def check_request_size(inputs: dict[str, Any], request_id: str) -> None:
     """Reject a request over ``tdask.replica.max-request-bytes`` (checked by callers and replicas)."""
-    from tdask import config
-
     size = sum(nbytes(v) for v in inputs.values())
-    limit = int(config.get("replica.max-request-bytes"))
+    limit = int(config.lookup("replica", "max-request-bytes"))
     if size > limit:
         raise InvalidRequestError(
             f"request {request_id}: inputs are {size} bytes, over the per-request limit of {limit} bytes "

@@ -173,6 +173,21 @@ def test_one_bad_request_does_not_fail_the_others(env: Env) -> None:
     np.testing.assert_array_equal(results[2]["output"], ~np.repeat(x, 3))
 
 
+def test_stream_matches_answers_to_requests_sharing_an_id(env: Env) -> None:
+    """Requests share one gRPC stream and are matched by id: equal caller ids must not mix answers."""
+    async def many() -> list[Any]:
+        calls = [
+            env.client.infer("encoder", {"input": np.arange(n, dtype=np.int64)},
+                             parameters={"input_copies": 1 + n % 3}, request_id="same-id")
+            for n in range(1, 41)
+        ]
+        return await asyncio.gather(*calls)
+
+    for n, result in enumerate(env.run(many()), start=1):
+        np.testing.assert_array_equal(result["output"], ~np.repeat(np.arange(n, dtype=np.int64), 1 + n % 3))
+    assert env.client._stream is not None and not env.client._stream._pending
+
+
 def test_statistics_rise_by_exactly_the_requests_sent(env: Env) -> None:
     before = success_count(env.run(env.server.model_statistics("encoder")))
     for _ in range(7):
@@ -264,3 +279,39 @@ def test_server_dies_with_its_sigkilled_parent(tmp_path: Path) -> None:
         if owner.poll() is None:
             owner.kill()
         owner.stdout.close()
+
+
+def test_killed_server_fails_requests_on_the_stream_explicitly() -> None:
+    """In-flight requests on the shared stream get an explicit error when the server dies, not a hang,
+    and a later request opens a new stream (which fails just as explicitly while no server is there)."""
+
+    async def scenario() -> tuple[list[Any], Any, float]:
+        server = TritonServer(REPOSITORY)
+        await server.start()
+        client = TritonModelClient(server.grpc_url)
+        try:
+            config = merge_model_config(read_model_config(REPOSITORY, "encoder"), name="encoder", instance_count=2)
+            await server.load_model("encoder", config)
+            x = np.arange(20, dtype=np.int64)
+            await client.infer("encoder", {"input": x})  # the stream is open
+            slow = [asyncio.ensure_future(client.infer("encoder", {"input": x}, parameters={"delay": 0.1}))
+                    for _ in range(4)]
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            psutil.Process(server.pid).kill()
+            results = await asyncio.wait_for(asyncio.gather(*slow, return_exceptions=True), 30)
+            elapsed = time.monotonic() - started
+            try:
+                later = await asyncio.wait_for(client.infer("encoder", {"input": x}), 30)
+            except Exception as e:  # noqa: BLE001 - the assertion below names what was expected
+                later = e
+            return results, later, elapsed
+        finally:
+            await client.close()
+            await server.stop()
+
+    results, later, elapsed = asyncio.run(scenario())
+    assert all(isinstance(r, TritonError) for r in results), results
+    assert all("stream to Triton ended" in str(r) and "may or may not have run" in str(r) for r in results), results
+    assert elapsed < 20
+    assert isinstance(later, TritonError), later
