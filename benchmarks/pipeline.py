@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling-delay-ms", type=float, default=None,
                    help="sleep per model call in the scaling run (default 10: 20 ms per request)")
     p.add_argument("--scaling-size", type=int, default=1000, help="elements per scaling request")
+    p.add_argument("--scaling-workers", type=int, default=None,
+                   help="worker processes of the scaling run (default: one per CPU core, at most the largest "
+                        "replica count); replicas on one worker share its Triton server and add up instances")
     p.add_argument("--memory-requests", type=int, default=None, help="requests of the memory run (default 100000)")
     p.add_argument("--memory-concurrency", type=int, default=64)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: cells,scaling,memory")
@@ -190,7 +193,7 @@ def tdask_configs(instances: int, max_inflight: int, pipeline_max_inflight: int,
         OperatorConfig("decoder", "TritonCoreOperator", repository=MODELS, replicas=replicas,
                        instances=instances, max_inflight=max_inflight, parameters=params),
         OperatorConfig("encoder_decoder", "encoder_decoder:EncoderDecoder", repository=OPERATORS,
-                       max_inflight=pipeline_max_inflight),
+                       replicas=replicas, max_inflight=pipeline_max_inflight),
     ]
 
 
@@ -359,6 +362,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "max_inflight": args.max_inflight,
             "pipeline_max_inflight": args.pipeline_max_inflight, "scaling": args.scaling,
             "scaling_delay_ms_per_model": args.scaling_delay_ms, "scaling_concurrency": "4 x replicas",
+            "scaling_workers": args.scaling_workers or min(max(args.scaling), os.cpu_count() or 1),
             "memory_requests": args.memory_requests, "memory_concurrency": args.memory_concurrency,
             "tdask_config": dask.config.get("tdask"),
         },
@@ -391,7 +395,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await session.close()
                     await deployment.stop()
             if "scaling" not in args.skip:
-                wanted = max(args.workers, max(args.scaling))
+                wanted = args.scaling_workers or min(max(args.scaling), os.cpu_count() or 1)
                 if wanted > args.workers:
                     cluster.scale(wanted)
                     await client.wait_for_workers(wanted, timeout=300)

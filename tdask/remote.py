@@ -26,7 +26,6 @@ from tdask.errors import (
 )
 from tdask.registry import ROOT, operator_key, pick_version
 from tdask.routing import choose_replica
-from tdask.service import RETRYABLE
 from tdask.store import fetch_kept
 from tdask.tensors import TensorRef, check_request_size, check_tensor, from_wire, to_wire
 
@@ -192,6 +191,7 @@ class RemoteOperator:
             await self.refresh()
         tried: set[str] = set()
         last_error: Exception | None = None
+        refreshed = False
         local = self.session.local_service
         while True:
             if self._down:
@@ -199,13 +199,13 @@ class RemoteOperator:
                 excluded = tried | {r for r, until in self._down.items() if until > now}
             else:
                 excluded = tried
-            replica = choose_replica(self._replica_list, self.outstanding, next(self._counter), excluded)
-            if replica is not None and local is not None and self.replicas[replica] != local.worker.address:
-                # keep the request in this process when a replica here is as lightly loaded
-                mine = [r for r, w in self.replicas.items() if w == local.worker.address]
-                best = choose_replica(mine, self.outstanding, next(self._counter), excluded) if mine else None
-                if best is not None and self.outstanding[best] <= self.outstanding[replica]:
-                    replica = best
+            replica = None
+            if local is not None:
+                # keep the request (and its tensors) in this process while a replica here has a free slot:
+                # its load from every caller is known here, unlike that of replicas elsewhere
+                replica = local.free_replica(self._replica_list, excluded)
+            if replica is None:
+                replica = choose_replica(self._replica_list, self.outstanding, next(self._counter), excluded)
             if replica is None and not tried and excluded:
                 replica = choose_replica(self._replica_list, self.outstanding, next(self._counter), tried)
             if replica is None:
@@ -239,10 +239,15 @@ class RemoteOperator:
             finally:
                 self.outstanding[replica] -= 1
             if "error" in reply:
-                error = error_from_wire(reply["error"])
-                if reply["error"].get("type") in RETRYABLE:
-                    if reply["error"].get("type") == "ReplicaUnavailableError":
+                wire = reply["error"]
+                error = error_from_wire(wire)
+                unavailable = wire.get("type") == "ReplicaUnavailableError"
+                if wire.get("retryable") or (unavailable and self.idempotent):
+                    if unavailable:
                         self._down[replica] = time.monotonic() + self._refresh_interval
+                        if not refreshed:  # the replica list may be stale (redeployed): re-read it once
+                            refreshed = True
+                            await self.refresh()
                     last_error = error
                     continue
                 raise error

@@ -114,6 +114,12 @@ class Replica:
             info.update(self.operator.info())
         return info
 
+    def load(self) -> int | None:
+        """Requests running or queued here from every caller; ``None`` when not serving."""
+        if self._state != "running":
+            return None
+        return self.stats.inflight + self.stats.queued
+
     def get_stats(self) -> dict[str, Any]:
         return {**self.info(), **self.stats.snapshot()}
 
@@ -161,7 +167,8 @@ class Replica:
         request = Request(request_id, inputs, parameters)
         try:
             await self.operator.execute([request])
-        except TdaskError:
+        except TdaskError as e:
+            e.started = True  # raised while running (e.g. by a call to another operator): not retryable
             raise
         except Exception as e:
             logger.exception("request %s: operator %s failed", request_id, self.config.name)
@@ -169,6 +176,7 @@ class Replica:
         if request._error is not None:
             err = request._error
             if isinstance(err, TdaskError):
+                err.started = True
                 raise err
             raise OperatorError(f"operator {self.config.name!r}: {err}") from err
         if not request.done or request._outputs is None:

@@ -13,7 +13,7 @@ from distributed.core import Status
 from distributed.protocol import to_serialize
 
 from tdask import config
-from tdask.errors import InvalidRequestError, ReplicaUnavailableError, TdaskError
+from tdask.errors import InvalidRequestError, PlacementError, ReplicaUnavailableError, TdaskError
 from tdask.store import OutputStore, fetch_kept
 from tdask.tensors import TensorRef, from_wire, inline_threshold, is_array, nbytes, to_wire
 from tdask.writer import CoalescingWriter
@@ -26,14 +26,18 @@ logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 
-# Errors the caller may retry elsewhere: the request never started executing.
+# Errors the caller may retry elsewhere, as long as the request never started executing.
 RETRYABLE = ("OverloadedError", "ReplicaUnavailableError")
 
 
 def error_to_wire(exc: BaseException) -> dict[str, Any]:
+    """``retryable``: the replica refused the request before running it (overloaded, not running),
+    so another replica may take it. The same errors raised *while* it ran (an operator's own
+    call to another operator failed) are not: retrying could run the request twice."""
     name = type(exc).__name__ if isinstance(exc, TdaskError) else "OperatorError"
     message = str(exc) if isinstance(exc, TdaskError) else f"{type(exc).__name__}: {exc}"
-    return {"type": name, "message": message}
+    return {"type": name, "message": message,
+            "retryable": name in RETRYABLE and not getattr(exc, "started", False)}
 
 
 def place_outputs(outputs: dict[str, Any], device: str | None) -> dict[str, Any]:
@@ -49,6 +53,15 @@ def place_outputs(outputs: dict[str, Any], device: str | None) -> dict[str, Any]
     return {k: cupy.asarray(v) for k, v in outputs.items()}
 
 
+def _with_instances(model_config: dict[str, Any], count: int) -> dict[str, Any]:
+    groups = model_config.get("instance_group") or [{"kind": "KIND_CPU"}]
+    return {**model_config, "instance_group": [{**group, "count": count} for group in groups]}
+
+
+def _without_instances(model_config: dict[str, Any]) -> dict[str, Any]:
+    return _with_instances(model_config, 0)
+
+
 class WorkerService:
     """Installed once per worker as ``worker.extensions["tdask"]``.
 
@@ -62,7 +75,8 @@ class WorkerService:
         self.replicas: dict[str, Replica] = {}
         self.store = OutputStore(worker.address)
         self.triton_servers: dict[tuple[str, str | None], TritonServer] = {}
-        self.triton_models: dict[tuple[str, str | None], dict[str, int]] = defaultdict(dict)
+        # per server, per model: the instance count each replica here asked for
+        self.triton_models: dict[tuple[str, str | None], dict[str, list[int]]] = defaultdict(dict)
         self.triton_model_configs: dict[tuple[str, str | None], dict[str, dict]] = defaultdict(dict)
         self._triton_ready: dict[tuple[str, str | None], asyncio.Event] = {}
         self._watchdogs: dict[tuple[str, str | None], asyncio.Task] = {}
@@ -103,6 +117,18 @@ class WorkerService:
                         await replica.stop(drain_timeout=5)
                     except Exception:
                         logger.exception("stopping orphaned replica %s", rid)
+
+    def free_replica(self, candidates: list[str], exclude: set[str]) -> str | None:
+        """The least busy of ``candidates`` running here with a free in-flight slot, if any."""
+        best, best_load = None, None
+        for rid in candidates:
+            replica = self.replicas.get(rid)
+            if replica is None or rid in exclude:
+                continue
+            load = replica.load()
+            if load is not None and load < replica.config.max_inflight and (best_load is None or load < best_load):
+                best, best_load = rid, load
+        return best
 
     def remove_replica(self, replica_id: str) -> None:
         self.replicas.pop(replica_id, None)
@@ -158,7 +184,9 @@ class WorkerService:
         try:
             reply = await self._answer(msg, serialize=True)
         except asyncio.CancelledError:
-            reply = {"error": error_to_wire(ReplicaUnavailableError("request cancelled"))}
+            cancelled = ReplicaUnavailableError("request cancelled (its worker is closing); it may or may not have run")
+            cancelled.started = True
+            reply = {"error": error_to_wire(cancelled)}
         reply["id"] = msg["id"]
         try:
             sender.send(reply)
@@ -244,8 +272,13 @@ class WorkerService:
             startup_timeout=config.seconds("triton.startup-timeout"),
         )
 
-    async def acquire_triton_model(self, repository: str, model: str, model_config: dict[str, Any]) -> TritonServer:
-        """Start this worker's Triton server if needed and load ``model`` in it once."""
+    async def acquire_triton_model(self, repository: str, model: str, model_config: dict[str, Any],
+                                   instances: int = 1) -> TritonServer:
+        """Start this worker's Triton server if needed and load ``model`` in it.
+
+        Replicas of one model on one worker share the loaded model, which runs the sum of their
+        instances (it is reloaded with the new count), so N replicas here serve like N elsewhere.
+        """
         if self._triton_lock is None:
             self._triton_lock = asyncio.Lock()
         key = self._triton_key(repository)
@@ -257,12 +290,26 @@ class WorkerService:
                 self.triton_servers[key] = server
                 self._watch(key, server)
                 logger.info("Triton server pid %s for %s (gRPC %s)", server.pid, self.worker.address, server.grpc_url)
-            models = self.triton_models[key]
-            if model not in models:
+            counts = self.triton_models[key]
+            if model not in counts:
                 await server.load_model(model, model_config)
                 self.triton_model_configs[key][model] = model_config
-                models[model] = 0
-            models[model] += 1
+                counts[model] = [instances]
+                return server
+            loaded = self.triton_model_configs[key][model]
+            if _without_instances(loaded) != _without_instances(model_config):
+                raise PlacementError(
+                    f"model {model!r} is already loaded in the Triton server of worker {self.worker.address} "
+                    "with a different configuration (another version or other parameters); one server holds "
+                    "one model of a name: place this operator on another worker (e.g. with resources=...)"
+                )
+            total = sum(counts[model]) + instances
+            summed = _with_instances(loaded, total)
+            await server.load_model(model, summed)  # Triton serves the old instances until the new ones are up
+            self.triton_model_configs[key][model] = summed
+            counts[model].append(instances)
+            logger.info("%s on %s: %d replicas share %d instances", model, self.worker.address, len(counts[model]),
+                        total)
             return server
 
     async def triton_server(self, repository: str) -> TritonServer:
@@ -319,20 +366,32 @@ class WorkerService:
         finally:
             ready.set()
 
-    async def release_triton_model(self, repository: str, model: str) -> None:
-        """Unload ``model`` when its last replica here is gone; stop the server when idle."""
+    async def release_triton_model(self, repository: str, model: str, instances: int = 1) -> None:
+        """Give back a replica's instances; unload ``model`` with its last replica here, and stop
+        the server when it holds no model."""
         key = self._triton_key(repository)
         async with self._triton_lock:
-            models = self.triton_models.get(key, {})
+            counts = self.triton_models.get(key, {})
             server = self.triton_servers.get(key)
-            if model in models:
-                models[model] -= 1
-                if models[model] <= 0:
-                    del models[model]
+            if model in counts:
+                if instances in counts[model]:
+                    counts[model].remove(instances)
+                else:
+                    counts[model].pop()
+                if not counts[model]:
+                    del counts[model]
                     self.triton_model_configs[key].pop(model, None)
-                    if server is not None and server.is_alive() and models:
+                    if server is not None and server.is_alive() and counts:
                         await server.unload_model(model)
-            if server is not None and not models:
+                else:
+                    summed = _with_instances(self.triton_model_configs[key][model], sum(counts[model]))
+                    self.triton_model_configs[key][model] = summed
+                    if server is not None and server.is_alive():
+                        try:
+                            await server.load_model(model, summed)
+                        except Exception:  # the remaining replicas keep the larger instance count
+                            logger.exception("reloading %s with %d instances failed", model, sum(counts[model]))
+            if server is not None and not counts:
                 del self.triton_servers[key]  # first: the watchdog must not restart it
                 await server.stop()
 

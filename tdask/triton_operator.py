@@ -49,7 +49,8 @@ class TritonCoreOperator(Operator):
             base, name=cfg.name, instance_count=cfg.instances, device=cfg.device, parameters=dict(cfg.parameters)
         )
         self.service = WorkerService.of(self.context.worker)
-        self.server = await self.service.acquire_triton_model(cfg.repository, cfg.name, self.model_config)
+        self.server = await self.service.acquire_triton_model(cfg.repository, cfg.name, self.model_config,
+                                                               instances=cfg.instances)
         self.client = TritonModelClient(self.server.grpc_url)
         self._key = self.service._triton_key(cfg.repository)
 
@@ -93,7 +94,8 @@ class TritonCoreOperator(Operator):
         if client is not None:
             await client.close()
         if getattr(self, "server", None) is not None:
-            await self.service.release_triton_model(self.config.repository, self.config.name)
+            await self.service.release_triton_model(self.config.repository, self.config.name,
+                                                     instances=self.config.instances)
 
     def info(self) -> dict[str, Any]:
         server = getattr(self, "server", None)

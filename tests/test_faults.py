@@ -214,3 +214,29 @@ def test_no_request_runs_twice_and_each_gets_one_answer_through_worker_loss(loop
     assert all(ran[r] == 1 for r, o in outcomes.items() if o == "ok"), "every answered request ran exactly once"
     assert set(outcomes.values()) <= {"ok", "ReplicaUnavailableError"}, Counter(outcomes.values())
     assert "ReplicaUnavailableError" in outcomes.values(), "the kill must have hit requests in flight"
+
+
+def test_an_unavailable_replica_met_while_running_is_not_retried_elsewhere(loop, fault_cluster, tmp_path):
+    """A request that started and then met a lost replica downstream may have done work: the caller
+    gets the error, and the request is not run again on another replica."""
+    cluster, client = fault_cluster
+    log = tmp_path / "ran.txt"
+    cfg = OperatorConfig("relay", "sample_operators:Relay", repository=SUPPORT, replicas=2, max_inflight=4)
+
+    async def main():
+        async with tdask.Deployment(client, [cfg]):
+            async with await tdask.connect(client) as session:
+                op = await session.operator("relay")
+                outcomes = []
+                for i in range(6):
+                    try:
+                        await op.infer({"input": np.arange(3)}, {"log": str(log)}, request_id=f"r{i}", timeout=60)
+                        outcomes.append("ok")
+                    except TdaskError as e:
+                        outcomes.append((type(e).__name__, str(e)))
+                return outcomes
+
+    outcomes = loop.run(main(), timeout=300)
+    ran = Counter(log.read_text().split())
+    assert ran == Counter({f"r{i}": 1 for i in range(6)}), ran
+    assert all(o[0] == "ReplicaUnavailableError" and "downstream" in o[1] for o in outcomes), outcomes

@@ -56,3 +56,16 @@ class Tally(Operator):
                 f.write(f"{request.request_id}\n")
             await asyncio.sleep(float(request.parameters.get("seconds", 0.2)))
             await request.respond({"output": request.input("input")})
+
+
+class Relay(Operator):
+    """Logs ``<request id>`` to the ``log`` parameter's file, then fails the way a call to another
+    operator fails when that operator's replica is gone (``ReplicaUnavailableError``)."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        from tdask import ReplicaUnavailableError
+
+        for request in requests:
+            with open(request.parameters["log"], "a") as f:
+                f.write(f"{request.request_id}\n")
+            request.fail(ReplicaUnavailableError("replica downstream-1 of 'downstream' is not running"))

@@ -1,0 +1,76 @@
+"""Replicas of one Triton operator on one worker share that worker's server and add up its instances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import MODELS, OPERATORS
+
+pytestmark = pytest.mark.timeout(400)
+
+
+async def instance_count(grpc_url: str, model: str) -> int:
+    import tritonclient.grpc.aio as grpcclient
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        config = (await client.get_model_config(model, as_json=True))["config"]
+    finally:
+        await client.close()
+    return sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
+
+
+def test_colocated_replicas_sum_instances_and_conflicting_configs_are_refused(loop):
+    from distributed import Client
+
+    import tdask
+    from tdask import Deployment, OperatorConfig, PlacementError
+    from tdask.cluster import start_embedded_cluster
+
+    async def scenario() -> dict:
+        cluster = await start_embedded_cluster(n_workers=1, scheduler_port=0, dashboard_address=":0")
+        out: dict = {}
+        try:
+            async with Client(cluster.scheduler_address, asynchronous=True) as client:
+                encoder = OperatorConfig("encoder", repository=MODELS, replicas=3, instances=2, max_inflight=4)
+                deployment = Deployment(client, [
+                    encoder,
+                    OperatorConfig("decoder", repository=MODELS, max_inflight=4),
+                    OperatorConfig("encoder_decoder", "encoder_decoder:EncoderDecoder", repository=OPERATORS,
+                                   max_inflight=8),
+                ], supervise=False)  # the test takes a replica away itself
+                infos = await deployment.start()
+                try:
+                    grpc = {i["triton_grpc"] for i in infos if i["name"] == "encoder"}
+                    out["servers"] = len(grpc)
+                    out["instances_3"] = await instance_count(grpc.pop(), "encoder")
+                    # another version of the model with other parameters cannot share the loaded one
+                    other = Deployment(client, [OperatorConfig("encoder", repository=MODELS, version=2,
+                                                               parameters={"input_copies": 5})], supervise=False)
+                    try:
+                        await other.start()
+                        out["conflict"] = None
+                    except PlacementError as e:
+                        out["conflict"] = str(e)
+                    session = await tdask.connect(client)
+                    pipeline = await session.operator("encoder_decoder")
+                    xs = [np.arange(n, dtype=np.int64) for n in range(1, 41)]
+                    results = [await f for f in [pipeline.infer({"input": x}) for x in xs]]
+                    out["correct"] = all(np.array_equal(r["output"], x) for r, x in zip(results, xs, strict=True))
+                    await session.close()
+                    # a replica leaving gives its instances back
+                    rid = next(r for r, p in deployment._placed.items() if p.config is encoder)
+                    await deployment._stop_replica(rid, deployment._placed.pop(rid))
+                    out["instances_2"] = await instance_count(infos[0]["triton_grpc"], "encoder")
+                finally:
+                    await deployment.stop()
+        finally:
+            await cluster.close()
+        return out
+
+    out = loop.run(scenario(), timeout=380)
+    assert out["servers"] == 1
+    assert out["instances_3"] == 6
+    assert out["conflict"] is not None and "different configuration" in out["conflict"], out["conflict"]
+    assert out["correct"]
+    assert out["instances_2"] == 4
