@@ -10,8 +10,9 @@ One run, one machine, the same ``operators/triton_core_models`` with the same in
 * ``tdask_chained``: the caller passes the encoder's future into the decoder call.
 
 Cells are measured interleaved (direct, pipeline, chained, repeated ``--rounds`` times) so the
-ratios come from the same conditions. Then scaling (1..N replicas of encoder and decoder, each
-model sleeping ``--scaling-delay-ms`` per request) and a memory run (peak RSS per process).
+ratios come from the same conditions. Then scaling (1..N replicas of encoder, decoder and
+encoder_decoder on one worker per core, each model sleeping ``--scaling-delay-ms`` per request)
+and a memory run (peak RSS per process).
 """
 
 from __future__ import annotations
