@@ -374,10 +374,7 @@ class WorkerService:
             counts = self.triton_models.get(key, {})
             server = self.triton_servers.get(key)
             if model in counts:
-                if instances in counts[model]:
-                    counts[model].remove(instances)
-                else:
-                    counts[model].pop()
+                counts[model].remove(instances)  # what this replica's acquire added
                 if not counts[model]:
                     del counts[model]
                     self.triton_model_configs[key].pop(model, None)

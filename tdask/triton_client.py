@@ -44,8 +44,12 @@ _MIN_REGION = 1 << 20
 
 def _triton_error(model: str, exc: InferenceServerException) -> TritonError:
     """Keep Triton's own message; expose its status (e.g. ``StatusCode.UNAVAILABLE``) too."""
-    error = TritonError(f"{model}: {exc.message()}")
-    error.status = exc.status()  # type: ignore[attr-defined]
+    return _error(model, exc.message(), exc.status())
+
+
+def _error(model: str, message: str, status: str) -> TritonError:
+    error = TritonError(f"{model}: {message}")
+    error.status = status  # type: ignore[attr-defined]
     return error
 
 
@@ -131,12 +135,6 @@ class _RegionPool:
             except Exception:  # noqa: BLE001
                 pass
             region.destroy()
-
-
-def _stream_error(model: str, message: str, status: str) -> TritonError:
-    error = TritonError(f"{model}: {message}")
-    error.status = status  # type: ignore[attr-defined]
-    return error
 
 
 def _build_request(model: str, model_version: str, request_id: str, inputs: list[tuple[str, str, np.ndarray]],
@@ -251,7 +249,7 @@ class _InferStream:
                 if future is None or future.done():
                     continue  # its caller gave up (timeout, cancellation)
                 if answer.error_message:
-                    future.set_exception(_stream_error(future.model, answer.error_message,
+                    future.set_exception(_error(future.model, answer.error_message,
                                                        "StatusCode.INVALID_ARGUMENT"))
                 else:
                     future.set_result(answer.infer_response)
@@ -267,7 +265,7 @@ class _InferStream:
                 self._call = self._queue = self._reader = None
             for future in pending.values():
                 if not future.done():
-                    future.set_exception(_stream_error(
+                    future.set_exception(_error(
                         future.model, f"the request stream to Triton ended ({reason}); "
                         "the request may or may not have run", status))
             pending.clear()
