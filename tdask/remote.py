@@ -330,8 +330,12 @@ class Session:
         return (await self._lookup(ROOT)) or {}
 
     def _release_threadsafe(self, worker: str, keys: list[str]) -> None:
+        local = self.local_service
         try:
-            self._loop.call_soon_threadsafe(self.pool.get(worker).send, {"op": "release", "keys": keys})
+            if local is not None and worker == local.worker.address:  # kept by an in-process call
+                self._loop.call_soon_threadsafe(local.store.release, keys)
+            else:
+                self._loop.call_soon_threadsafe(self.pool.get(worker).send, {"op": "release", "keys": keys})
         except RuntimeError:  # loop closed: the worker's TTL cleans up
             pass
 

@@ -20,6 +20,7 @@ from tdask.writer import CoalescingWriter
 
 if TYPE_CHECKING:
     from tdask.replica import Replica
+    from tdask.triton_client import TritonModelClient
     from tdask.triton_server import TritonServer
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class WorkerService:
         self.triton_model_configs: dict[tuple[str, str | None], dict[str, dict]] = defaultdict(dict)
         self._triton_ready: dict[tuple[str, str | None], asyncio.Event] = {}
         self._watchdogs: dict[tuple[str, str | None], asyncio.Task] = {}
+        # one client (gRPC stream, shared-memory pool) per server, shared by the models it holds
+        self._triton_clients: dict[TritonServer, TritonModelClient] = {}
         self.triton_restarts = 0
         self._triton_lock: asyncio.Lock | None = None
         self.streams: set[Any] = set()
@@ -323,6 +326,22 @@ class WorkerService:
             raise ReplicaUnavailableError(f"no Triton server for {repository} on worker {self.worker.address}")
         return server
 
+    def triton_client(self, server: TritonServer) -> TritonModelClient:
+        """The client of ``server`` that every operator here shares: one gRPC stream, and one
+        shared-memory pool, so one model's output can be the next model's input in place."""
+        from tdask.triton_client import TritonModelClient
+
+        client = self._triton_clients.get(server)
+        if client is None:
+            client = self._triton_clients[server] = TritonModelClient(server.grpc_url)
+        return client
+
+    async def _stop_triton_server(self, server: TritonServer) -> None:
+        client = self._triton_clients.pop(server, None)
+        if client is not None:
+            await client.close()
+        await server.stop()
+
     def _watch(self, key: tuple[str, str | None], server: TritonServer) -> None:
         self._triton_ready.setdefault(key, asyncio.Event()).set()
         task = asyncio.ensure_future(self._watchdog(key, server))
@@ -344,7 +363,7 @@ class WorkerService:
                 async with self._triton_lock:
                     if self.triton_servers.get(key) is not server:
                         return
-                    await server.stop()
+                    await self._stop_triton_server(server)
                     fresh = self._new_triton_server(key[0], key[1])
                     try:
                         await fresh.start()
@@ -390,7 +409,7 @@ class WorkerService:
                             logger.exception("reloading %s with %d instances failed", model, sum(counts[model]))
             if server is not None and not counts:
                 del self.triton_servers[key]  # first: the watchdog must not restart it
-                await server.stop()
+                await self._stop_triton_server(server)
 
     def _triton_log_file(self) -> str | None:
         import os
@@ -416,4 +435,4 @@ class WorkerService:
         for task in self._watchdogs.values():
             task.cancel()
         for server in servers:
-            await server.stop()
+            await self._stop_triton_server(server)

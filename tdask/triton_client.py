@@ -4,20 +4,27 @@ Small tensors travel inside the gRPC messages, as requests on one bidirectional 
 (``ModelStreamInfer``) matched to their answers by id: a unary call sets up a call object and an
 HTTP/2 stream each time, a message on an open stream does not (1,000 int64 to the encoder at
 concurrency 1: ~0.77 ms per call instead of ~0.95 ms, the same CPU). Tensors of ``tdask.triton.shared-memory-threshold``
-bytes or more move through Triton's system shared-memory extension instead: the request's
-inputs are copied once into a pooled, pre-registered ``/dev/shm`` region, Triton writes the
-outputs into the same region, and they are copied out once. That avoids protobuf's copies
-(8 MB: ~84 ms per call in the message, ~15 ms in shared memory, PLATFORM.md).
+bytes or more move through Triton's system shared-memory extension instead: inputs are copied
+once into a pooled, pre-registered ``/dev/shm`` region and Triton writes the outputs into the same
+region, which avoids protobuf's copies (8 MB: ~84 ms per call in the message, ~15 ms in shared
+memory, PLATFORM.md). Outputs are handed out as views of the region, not copies; the region goes
+back to the pool when the last of them is gone, and an output passed as the next model's input on
+the same server is referenced where it lies (encoder -> decoder moves no tensor bytes at all).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import itertools
 import logging
 import os
+import threading
 import uuid
+import weakref
 from collections import defaultdict
+from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
@@ -58,28 +65,65 @@ def _aligned(n: int) -> int:
 
 
 class _Region:
-    """One system shared-memory region, created here and registered with the server once."""
+    """One system shared-memory region, created here and registered with the server once.
+
+    Arrays handed out from it (Triton's outputs) view its memory through a *lease*: the region
+    goes back to its pool only when the last array viewing it is gone, so outputs cost no copy
+    and can be passed as the next model's input in place.
+    """
 
     def __init__(self, name: str, size: int) -> None:
-        from tritonclient.utils import shared_memory as shm
-
         self.name = name
         self.key = f"/{name}"
         self.size = size
-        self.handle = shm.create_shared_memory_region(name, self.key, size)
-        self.buf = self.handle._mpsm_handle.buf
+        self.shm: shared_memory.SharedMemory | None = shared_memory.SharedMemory(name, create=True, size=size)
+        self.buf = self.shm.buf
+        probe = np.frombuffer(self.buf, dtype=np.uint8, count=1)
+        self.address = probe.__array_interface__["data"][0]
+        del probe  # no buffer export may outlive this: it would keep the mapping from closing
+        self.leased = False
+        self.reusable = True
 
     def view(self, dtype: Any, shape: list[int], offset: int) -> np.ndarray:
         return np.ndarray(shape, dtype, buffer=self.buf, offset=offset)
 
-    def destroy(self) -> None:
-        from tritonclient.utils import shared_memory as shm
+    def lease(self, pool: _RegionPool) -> Any:
+        """An object whose lifetime is the region's time out of the pool: arrays built on it keep it."""
+        lease = _lease_type(self.size).from_address(self.address)
+        lease.region = self  # the mapping outlives every array that views it
+        self.leased = True
+        weakref.finalize(lease, pool.returned, self).atexit = False
+        return lease
 
-        self.buf = None
+    def holds(self, array: np.ndarray) -> int | None:
+        """The offset of ``array``'s data in this region, if it lies wholly inside it."""
+        start = array.__array_interface__["data"][0] - self.address
+        if 0 <= start and start + array.nbytes <= self.size:
+            return start
+        return None
+
+    def unlink(self) -> None:
+        if self.shm is not None:
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:
+                pass
+
+    def destroy(self) -> None:
+        shm, self.shm, self.buf = self.shm, None, None
+        if shm is None:
+            return
         try:
-            shm.destroy_shared_memory_region(self.handle)
-        except Exception:  # noqa: BLE001 - best effort at shutdown
+            shm.close()
+            shm.unlink()
+        except (FileNotFoundError, BufferError, OSError):  # best effort at shutdown
             logger.debug("destroying shared memory region %s failed", self.name, exc_info=True)
+
+
+@functools.cache
+def _lease_type(size: int) -> type:
+    # a ctypes array subclass: exposes the region's bytes as a buffer and takes weak references
+    return type(f"_Lease{size}", (ctypes.c_char * size,), {})
 
 
 class _RegionPool:
@@ -93,6 +137,10 @@ class _RegionPool:
         self.all: set[_Region] = set()
         self.prefix = f"tdask_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self._n = 0
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self._drops: set[asyncio.Task] = set()
 
     async def acquire(self, nbytes: int) -> _Region:
         size = max(_MIN_REGION, 1 << (max(nbytes, 1) - 1).bit_length())
@@ -110,12 +158,38 @@ class _RegionPool:
         self.all.add(region)
         return region
 
-    async def release(self, region: _Region) -> None:
-        if self.idle_bytes + region.size <= self.limit:
+    def find(self, array: np.ndarray) -> tuple[_Region, int] | None:
+        """The leased region of this pool (registered with this server) that holds ``array``, if any."""
+        if not array.flags.c_contiguous:
+            return None
+        for region in self.all:
+            if region.leased:
+                offset = region.holds(array)
+                if offset is not None:
+                    return region, offset
+        return None
+
+    def returned(self, region: _Region) -> None:
+        """The last array viewing ``region`` is gone (called by its lease's finalizer, in any thread)."""
+        if threading.get_ident() == self._thread:
+            self._put_back(region)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._put_back, region)
+        except RuntimeError:  # the loop is closed: nothing will use the region again
+            region.destroy()
+
+    def _put_back(self, region: _Region) -> None:
+        region.leased = False
+        if self.closed:
+            region.destroy()
+        elif region.reusable and self.idle_bytes + region.size <= self.limit:
             self.free[region.size].append(region)
             self.idle_bytes += region.size
-            return
-        await self.drop(region)
+        else:  # the server may still write into a region of a failed call: never reuse it
+            task = asyncio.ensure_future(self.drop(region))
+            self._drops.add(task)
+            task.add_done_callback(self._drops.discard)
 
     async def drop(self, region: _Region) -> None:
         self.all.discard(region)
@@ -126,6 +200,7 @@ class _RegionPool:
         region.destroy()
 
     async def close(self) -> None:
+        self.closed = True
         regions, self.all = list(self.all), set()
         self.free.clear()
         self.idle_bytes = 0
@@ -134,7 +209,10 @@ class _RegionPool:
                 await self.client.unregister_system_shared_memory(region.name)
             except Exception:  # noqa: BLE001
                 pass
-            region.destroy()
+            if region.leased:  # arrays still view it: unmapped when the last of them is gone
+                region.unlink()
+            else:
+                region.destroy()
 
 
 def _build_request(model: str, model_version: str, request_id: str, inputs: list[tuple[str, str, np.ndarray]],
@@ -294,6 +372,7 @@ class TritonModelClient:
         self._metadata: dict[str, Any] = {}
         self._ratio: dict[str, float] = {}  # model -> largest output/input byte ratio seen
         self.shm_calls = 0
+        self.shm_inputs_in_place = 0  # inputs that were already in a region of this server: not copied
         self._shm_threshold = int(config.get("triton.shared-memory-threshold") or 0)  # read once, not per call
 
     @property
@@ -393,22 +472,29 @@ class TritonModelClient:
                          model_version: str) -> dict[str, np.ndarray]:
         if self._pool is None:
             self._pool = _RegionPool(self.client, int(config.get("triton.shared-memory-pool-bytes")))
+        pool = self._pool
         ratio = max(1.0, self._ratio.get(model, 1.0))
         variable = [name for name, var in outs if var]
         out_capacity = _aligned(int(in_bytes * ratio) + _ALIGN)
-        total = sum(_aligned(a.nbytes) for a in inputs.values()) + out_capacity * len(variable)
-        region = await self._pool.acquire(total)
-        ok = False
+        in_place = {name: pool.find(array) for name, array in inputs.items()}  # an earlier output: no copy
+        copied = sum(_aligned(a.nbytes) for name, a in inputs.items() if in_place[name] is None)
+        region = await pool.acquire(copied + out_capacity * len(variable))
+        lease = region.lease(pool)  # the region is back in the pool once the last output viewing it is gone
         try:
             offset = 0
             infer_inputs = []
             for name, array in inputs.items():
                 datatype = self._check(name, array)
-                region.view(array.dtype, list(array.shape), offset)[...] = array
                 tensor = grpcclient.InferInput(name, list(array.shape), datatype)
-                tensor.set_shared_memory(region.name, array.nbytes, offset)
+                found = in_place[name]
+                if found is not None:
+                    tensor.set_shared_memory(found[0].name, array.nbytes, found[1])
+                    self.shm_inputs_in_place += 1
+                else:
+                    region.view(array.dtype, list(array.shape), offset)[...] = array
+                    tensor.set_shared_memory(region.name, array.nbytes, offset)
+                    offset += _aligned(array.nbytes)
                 infer_inputs.append(tensor)
-                offset += _aligned(array.nbytes)
             requested = []
             placed: dict[str, int] = {}
             for name, var in outs:
@@ -438,8 +524,10 @@ class TritonModelClient:
                     if out is None:
                         raise TritonError(f"{model}: response has no output {name!r}")
                     shape = [int(d) for d in out.shape]
-                    dtype = triton_to_np_dtype(out.datatype)
-                    arrays[name] = region.view(dtype, shape, placed[name]).copy()
+                    dtype = np.dtype(triton_to_np_dtype(out.datatype))
+                    count = int(np.prod(shape, dtype=np.int64))
+                    # a view of the region, not a copy: it keeps the region leased while it lives
+                    arrays[name] = np.frombuffer(lease, dtype, count, placed[name]).reshape(shape)
                     if in_bytes:
                         self._ratio[model] = max(self._ratio.get(model, 1.0), arrays[name].nbytes / in_bytes)
                 else:
@@ -448,13 +536,10 @@ class TritonModelClient:
                         raise TritonError(f"{model}: response has no output {name!r}")
                     arrays[name] = array
             self.shm_calls += 1
-            ok = True
             return arrays
-        finally:
-            if ok:
-                await self._pool.release(region)
-            else:  # the server may still write into it: do not reuse
-                await self._pool.drop(region)
+        except BaseException:
+            region.reusable = False  # the server may still write into it: do not reuse
+            raise
 
     async def close(self) -> None:
         if self._stream is not None:

@@ -34,7 +34,6 @@ class TritonCoreOperator(Operator):
 
     async def setup(self) -> None:
         from tdask.service import WorkerService
-        from tdask.triton_client import TritonModelClient
         from tdask.triton_config import merge_model_config, read_model_config
 
         cfg = self.config
@@ -51,18 +50,15 @@ class TritonCoreOperator(Operator):
         self.service = WorkerService.of(self.context.worker)
         self.server = await self.service.acquire_triton_model(cfg.repository, cfg.name, self.model_config,
                                                                instances=cfg.instances)
-        self.client = TritonModelClient(self.server.grpc_url)
+        self.client = self.service.triton_client(self.server)
         self._key = self.service._triton_key(cfg.repository)
 
     async def _current_client(self) -> Any:
         """This worker's Triton server may have been restarted (new ports): follow it."""
-        from tdask.triton_client import TritonModelClient
-
         server = await self.service.triton_server(self.config.repository)
         if server is not self.server:
-            old, self.server = self.client, server
-            self.client = TritonModelClient(server.grpc_url)
-            await old.close()
+            self.server = server
+            self.client = self.service.triton_client(server)
         return self.client
 
     async def execute(self, requests: list[Request]) -> None:
@@ -90,9 +86,7 @@ class TritonCoreOperator(Operator):
             await request.respond(outputs)
 
     async def teardown(self) -> None:
-        client = getattr(self, "client", None)
-        if client is not None:
-            await client.close()
+        # the client belongs to the worker's server (shared by its models) and closes with it
         if getattr(self, "server", None) is not None:
             await self.service.release_triton_model(self.config.repository, self.config.name,
                                                      instances=self.config.instances)

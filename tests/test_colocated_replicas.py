@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 from conftest import MODELS, OPERATORS
@@ -18,6 +20,14 @@ async def instance_count(grpc_url: str, model: str) -> int:
     finally:
         await client.close()
     return sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
+
+
+def shared_memory_state(dask_worker) -> dict:
+    service = dask_worker.extensions["tdask"]
+    (client,) = service._triton_clients.values()  # one client per server, shared by its models
+    regions = client._pool.all if client._pool is not None else ()
+    return {"in_place": client.shm_inputs_in_place, "kept": len(service.store),
+            "leased": sum(region.leased for region in regions)}
 
 
 def test_colocated_replicas_sum_instances_and_conflicting_configs_are_refused(loop):
@@ -57,6 +67,15 @@ def test_colocated_replicas_sum_instances_and_conflicting_configs_are_refused(lo
                     xs = [np.arange(n, dtype=np.int64) for n in range(1, 41)]
                     results = [await f for f in [pipeline.infer({"input": x}) for x in xs]]
                     out["correct"] = all(np.array_equal(r["output"], x) for r, x in zip(results, xs, strict=True))
+                    # large tensors: encoder -> decoder in one worker, through its server's shared memory
+                    before = (await client.run(shared_memory_state)).popitem()[1]
+                    big = [np.arange(n, n + 300_000, dtype=np.int64) for n in range(4)]
+                    results = [await f for f in [pipeline.infer({"input": x}) for x in big]]
+                    out["big_correct"] = all(np.array_equal(r["output"], x) for r, x in zip(results, big, strict=True))
+                    del results
+                    await asyncio.sleep(0.5)  # the worker releases what it kept once the answers are sent
+                    out["after"] = (await client.run(shared_memory_state)).popitem()[1]
+                    out["before"] = before
                     await session.close()
                     # a replica leaving gives its instances back
                     rid = next(r for r, p in deployment._placed.items() if p.config is encoder)
@@ -74,3 +93,8 @@ def test_colocated_replicas_sum_instances_and_conflicting_configs_are_refused(lo
     assert out["conflict"] is not None and "different configuration" in out["conflict"], out["conflict"]
     assert out["correct"]
     assert out["instances_2"] == 4
+    # the decoder read each encoder output where Triton wrote it, and nothing stays held afterwards
+    assert out["big_correct"]
+    assert out["after"]["in_place"] - out["before"]["in_place"] >= 3  # the first call learns the output size
+    assert out["after"]["kept"] == 0, out["after"]
+    assert out["after"]["leased"] == 0, out["after"]

@@ -188,12 +188,108 @@ def test_stream_matches_answers_to_requests_sharing_an_id(env: Env) -> None:
     assert env.client._stream is not None and not env.client._stream._pending
 
 
+def _leased(client: TritonModelClient) -> int:
+    return sum(region.leased for region in client._pool.all)
+
+
+def test_large_outputs_are_region_views_passed_on_in_place(env: Env) -> None:
+    """8 MB through shared memory: the encoder's output is a view of its region (no copy), the decoder
+    reads it where it lies, and the region goes back to the pool once no array views it."""
+    x = np.random.default_rng(7).integers(-(2**40), 2**40, 1_000_000, dtype=np.int64)
+    env.infer("encoder", x)  # the first large call learns how much larger than its input the output is
+    before = success_count(env.run(env.server.model_statistics("decoder")))
+    shm_calls, in_place = env.client.shm_calls, env.client.shm_inputs_in_place
+    encoded = env.infer("encoder", x)
+    regions = {region.name: region for region in env.client._pool.all}
+    assert any(region.holds(encoded["output"]) is not None for region in regions.values() if region.leased)
+    np.testing.assert_array_equal(encoded["output"], ~np.repeat(x, 2))
+    decoded = env.infer("decoder", encoded["output"], parameters={"input_copies": 2})
+    np.testing.assert_array_equal(decoded["output"], x)
+    assert env.client.shm_calls - shm_calls == 2
+    assert env.client.shm_inputs_in_place - in_place == 1  # the decoder's input was not copied
+    assert success_count(env.run(env.server.model_statistics("decoder"))) - before == 1
+    assert _leased(env.client) == 2  # one region per call, held by the arrays that view it
+    del encoded
+    assert _leased(env.client) == 1
+    view = decoded["output"][::2]
+    del decoded
+    assert _leased(env.client) == 1  # a view of an output keeps its region too
+    np.testing.assert_array_equal(view, x[::2])
+    del view
+    assert _leased(env.client) == 0
+    again = env.infer("encoder", x)["output"]  # pooled regions are reused, not created again
+    assert {r.name for r in env.client._pool.all} <= set(regions)
+    del again
+
+
+def test_outputs_outlive_their_client() -> None:
+    """Closing a client (its server restarted or stopped) must not unmap memory an output still views."""
+    async def scenario() -> tuple[np.ndarray, set[str]]:
+        server = TritonServer(REPOSITORY)
+        await server.start()
+        try:
+            await server.load_model("encoder", merge_model_config(read_model_config(REPOSITORY, "encoder"),
+                                                                  name="encoder", instance_count=1))
+            client = TritonModelClient(server.grpc_url)
+            out = (await client.infer("encoder", {"input": np.arange(100_000, dtype=np.int64)}))["output"]
+            names = {region.name for region in client._pool.all}
+            await client.close()
+            return out, names
+        finally:
+            await server.stop()
+
+    out, names = asyncio.run(scenario())
+    np.testing.assert_array_equal(out, ~np.arange(100_000, dtype=np.int64))  # still mapped, still right
+    assert not names & set(os.listdir("/dev/shm"))  # already unlinked: nothing is left behind
+    del out
+
+
 def test_statistics_rise_by_exactly_the_requests_sent(env: Env) -> None:
     before = success_count(env.run(env.server.model_statistics("encoder")))
     for _ in range(7):
         env.infer("encoder", np.arange(3, dtype=np.int64))
     after = success_count(env.run(env.server.model_statistics("encoder")))
     assert after - before == 7
+
+
+def test_spawns_survive_busy_grpc_threads(env: Env, tmp_path: Path) -> None:
+    """A worker restarts Triton while its gRPC streams are busy: the spawn must not run Python
+    between fork and exec (a ``preexec_fn`` crashed ~1 child in 4 here with SIGSEGV). 60 spawns of a
+    stand-in binary that exits 3 at once, under load: every one must exit 3, none crash."""
+    real_root = pytriton_server_root()
+    for part in ("backends", "python_backend_stubs"):
+        (tmp_path / part).symlink_to(real_root / part)
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "tritonserver"
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    fake.chmod(0o755)
+
+    async def scenario() -> tuple[list[str], int]:
+        stop = asyncio.Event()
+
+        async def busy() -> int:
+            n = 0
+            while not stop.is_set():
+                await asyncio.gather(*(env.client.infer("encoder", {"input": np.arange(10, dtype=np.int64)})
+                                       for _ in range(8)))
+                n += 8
+            return n
+
+        load = asyncio.ensure_future(busy())
+        exits = []
+        try:
+            for _ in range(60):
+                try:
+                    await TritonServer(REPOSITORY, server_path=str(fake)).start()
+                except TritonServerError as e:
+                    exits.append(str(e).split(";")[0])
+        finally:
+            stop.set()
+        return exits, await load
+
+    exits, calls = env.run(scenario())
+    assert calls > 0
+    assert exits == ["tritonserver exited with code 3 during startup"] * 60
 
 
 def test_load_failure_raises_with_tritons_message(env: Env) -> None:
