@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 from typing import Any
 
+import dask.config
 from distributed import LocalCluster
 
 from tdask import config
@@ -84,6 +85,21 @@ async def start_embedded_cluster(
     host = "127.0.0.1" if protocol != "ucx" else None
     scheduler_kwargs = dict(kwargs.pop("scheduler_kwargs", None) or {})
     scheduler_kwargs.setdefault("preload", ["tdask.dashboard"])  # the tdask dashboard page and /metrics
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):  # read by each Nanny
+        return await _start(n_workers, gpus, protocol, host, scheduler_port, dashboard_address, security,
+                            scheduler_kwargs, **kwargs)
+
+
+def worker_environ() -> dict[str, Any]:
+    """Dask's pre-spawn environment for worker processes, with tdask's ``embedded-cluster.worker-environ``."""
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", None) or {})
+    environ.update(config.get("embedded-cluster.worker-environ", None) or {})
+    return environ
+
+
+async def _start(n_workers: int, gpus: int, protocol: str, host: str | None, scheduler_port: int,
+                 dashboard_address: str, security: Any, scheduler_kwargs: dict[str, Any],
+                 **kwargs: Any) -> LocalCluster:
     cluster = await LocalCluster(
         n_workers=n_workers,
         threads_per_worker=1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import numpy as np
 import pytest
@@ -53,6 +54,7 @@ def test_colocated_replicas_sum_instances_and_conflicting_configs_are_refused(lo
                 try:
                     grpc = {i["triton_grpc"] for i in infos if i["name"] == "encoder"}
                     out["servers"] = len(grpc)
+                    out["environ"] = await client.run(os.environ.get, "MALLOC_MMAP_THRESHOLD_")
                     out["instances_3"] = await instance_count(grpc.pop(), "encoder")
                     # another version of the model with other parameters cannot share the loaded one
                     other = Deployment(client, [OperatorConfig("encoder", repository=MODELS, version=2,
@@ -89,6 +91,7 @@ def test_colocated_replicas_sum_instances_and_conflicting_configs_are_refused(lo
 
     out = loop.run(scenario(), timeout=380)
     assert out["servers"] == 1
+    assert list(out["environ"].values()) == ["67108864"]  # the embedded cluster's worker-environ
     assert out["instances_3"] == 6
     assert out["conflict"] is not None and "different configuration" in out["conflict"], out["conflict"]
     assert out["correct"]
