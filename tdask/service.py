@@ -333,7 +333,7 @@ class WorkerService:
 
         client = self._triton_clients.get(server)
         if client is None:
-            client = self._triton_clients[server] = TritonModelClient(server.grpc_url)
+            client = self._triton_clients[server] = TritonModelClient(server.grpc_url, server.http_url)
         return client
 
     async def _stop_triton_server(self, server: TritonServer) -> None:

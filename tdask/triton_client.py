@@ -1,15 +1,14 @@
-"""A thin async client for the models of one Triton server, over one long-lived gRPC channel.
+"""A thin async client for the models of one Triton server.
 
-Small tensors travel inside the gRPC messages, as requests on one bidirectional stream
-(``ModelStreamInfer``) matched to their answers by id: a unary call sets up a call object and an
-HTTP/2 stream each time, a message on an open stream does not (1,000 int64 to the encoder at
-concurrency 1: ~0.77 ms per call instead of ~0.95 ms, the same CPU). Tensors of ``tdask.triton.shared-memory-threshold``
-bytes or more move through Triton's system shared-memory extension instead: inputs are copied
-once into a pooled, pre-registered ``/dev/shm`` region and Triton writes the outputs into the same
-region, which avoids protobuf's copies (8 MB: ~84 ms per call in the message, ~15 ms in shared
-memory, PLATFORM.md). Outputs are handed out as views of the region, not copies; the region goes
-back to the pool when the last of them is gone, and an output passed as the next model's input on
-the same server is referenced where it lies (encoder -> decoder moves no tensor bytes at all).
+Small tensors travel in HTTP requests on keep-alive connections driven by the event loop itself
+(:mod:`tdask.triton_http`: about a third of the CPU of a gRPC call here, and no thread hand-off).
+Tensors of ``tdask.triton.shared-memory-threshold`` bytes or more move through Triton's system
+shared-memory extension instead, with gRPC calls (tritonclient): inputs are copied once into a
+pooled, pre-registered ``/dev/shm`` region and Triton writes the outputs into the same region,
+which avoids protobuf's copies (8 MB: ~84 ms per call in the message, ~15 ms in shared memory,
+PLATFORM.md). Outputs are handed out as views of the region, not copies; the region goes back to
+the pool when the last of them is gone, and an output passed as the next model's input on the
+same server is referenced where it lies (encoder -> decoder moves no tensor bytes at all).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
-import itertools
 import logging
 import os
 import threading
@@ -29,19 +27,15 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
-from tritonclient.grpc import service_pb2
 from tritonclient.utils import (
-    TRITON_RESERVED_REQUEST_PARAMS,
-    TRITON_RESERVED_REQUEST_PARAMS_PREFIX,
     InferenceServerException,
-    deserialize_bytes_tensor,
     np_to_triton_dtype,
-    serialize_byte_tensor,
     triton_to_np_dtype,
 )
 
 from tdask import config
 from tdask.errors import InvalidRequestError, TritonError
+from tdask.triton_http import TritonHttp, triton_error
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +44,7 @@ _MIN_REGION = 1 << 20
 
 
 def _triton_error(model: str, exc: InferenceServerException) -> TritonError:
-    """Keep Triton's own message; expose its status (e.g. ``StatusCode.UNAVAILABLE``) too."""
-    return _error(model, exc.message(), exc.status())
-
-
-def _error(model: str, message: str, status: str) -> TritonError:
-    error = TritonError(f"{model}: {message}")
-    error.status = status  # type: ignore[attr-defined]
-    return error
+    return triton_error(model, exc.message(), exc.status())
 
 
 def _aligned(n: int) -> int:
@@ -215,159 +202,13 @@ class _RegionPool:
                 region.destroy()
 
 
-def _build_request(model: str, model_version: str, request_id: str, inputs: list[tuple[str, str, np.ndarray]],
-                   parameters: dict | None, outputs: list[str] | None) -> service_pb2.ModelInferRequest:
-    request = service_pb2.ModelInferRequest(model_name=model, model_version=model_version, id=request_id)
-    for name, datatype, array in inputs:
-        tensor = request.inputs.add()
-        tensor.name = name
-        tensor.datatype = datatype
-        tensor.shape.extend(array.shape)
-        if datatype == "BYTES":
-            serialized = serialize_byte_tensor(array)
-            request.raw_input_contents.append(serialized.item() if serialized.size else b"")
-        else:
-            request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
-    for name in outputs or ():
-        request.outputs.add().name = name
-    for key, value in (parameters or {}).items():
-        if key in TRITON_RESERVED_REQUEST_PARAMS or key.startswith(TRITON_RESERVED_REQUEST_PARAMS_PREFIX):
-            raise InvalidRequestError(f"parameter {key!r} is reserved by Triton")
-        param = request.parameters[key]
-        if isinstance(value, str):
-            param.string_param = value
-        elif isinstance(value, bool):
-            param.bool_param = value
-        elif isinstance(value, int):
-            param.int64_param = value
-        elif isinstance(value, float):
-            param.double_param = value
-        else:
-            raise InvalidRequestError(f"parameter {key!r} has unsupported type {type(value).__name__}")
-    return request
-
-
-def _response_arrays(model: str, response: service_pb2.ModelInferResponse,
-                     wanted: list[str] | None) -> dict[str, np.ndarray]:
-    contents = response.raw_output_contents
-    arrays: dict[str, np.ndarray] = {}
-    for i, out in enumerate(response.outputs):
-        if wanted and out.name not in wanted:
-            continue
-        if i >= len(contents):
-            raise TritonError(f"{model}: output {out.name!r} came without its data")
-        shape = tuple(int(d) for d in out.shape)
-        if out.datatype == "BYTES":
-            array = deserialize_bytes_tensor(contents[i])
-        else:
-            dtype = triton_to_np_dtype(out.datatype)
-            if dtype is None:
-                raise TritonError(f"{model}: output {out.name!r} has unsupported datatype {out.datatype}")
-            array = np.frombuffer(contents[i], dtype=dtype)
-        arrays[out.name] = array.reshape(shape)
-    for name in wanted or ():
-        if name not in arrays:
-            raise TritonError(f"{model}: response has no output {name!r}")
-    return arrays
-
-
-class _InferStream:
-    """Requests to one server as messages on one ``ModelStreamInfer`` stream, answers matched by id.
-
-    Losing the stream (the server died or restarted) fails every request waiting on it with an
-    explicit error; the next request opens a new stream.
-    """
-
-    def __init__(self, url: str) -> None:
-        import grpc
-        from tritonclient.grpc import service_pb2_grpc
-
-        # its own channel: tritonclient's client keeps its stub private; unlimited message sizes like it
-        self._channel = grpc.aio.insecure_channel(url, options=[("grpc.max_send_message_length", -1),
-                                                               ("grpc.max_receive_message_length", -1)])
-        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        self._queue: asyncio.Queue | None = None
-        self._pending: dict[str, asyncio.Future] = {}
-        self._call: Any = None
-        self._reader: asyncio.Task | None = None
-        self._suffix = itertools.count()
-
-    def _open(self) -> None:
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def requests() -> Any:
-            while (request := await queue.get()) is not None:
-                yield request
-
-        self._queue, self._pending = queue, {}
-        self._call = self._stub.ModelStreamInfer(requests())
-        self._reader = asyncio.ensure_future(self._read(self._call, self._pending))
-
-    async def infer(self, model: str, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
-        if self._call is None:
-            self._open()
-        pending = self._pending
-        if not request.id or request.id in pending:  # ids match answers: keep them unique on the stream
-            request.id = f"{request.id}#{next(self._suffix)}"
-        future = asyncio.get_running_loop().create_future()
-        future.model = model  # type: ignore[attr-defined]
-        pending[request.id] = future
-        self._queue.put_nowait(request)
-        try:
-            return await future
-        finally:
-            pending.pop(request.id, None)
-
-    async def _read(self, call: Any, pending: dict[str, asyncio.Future]) -> None:
-        reason = "the server closed it"
-        status = "StatusCode.UNAVAILABLE"
-        try:
-            async for answer in call:
-                future = pending.pop(answer.infer_response.id, None)
-                if future is None or future.done():
-                    continue  # its caller gave up (timeout, cancellation)
-                if answer.error_message:
-                    future.set_exception(_error(future.model, answer.error_message,
-                                                       "StatusCode.INVALID_ARGUMENT"))
-                else:
-                    future.set_result(answer.infer_response)
-        except asyncio.CancelledError:
-            reason = "the client closed it"
-        except Exception as e:  # noqa: BLE001 - grpc.aio.AioRpcError and transport errors
-            code = getattr(e, "code", None)
-            status = str(code()) if callable(code) else status
-            details = getattr(e, "details", None)
-            reason = details() if callable(details) else repr(e)
-        finally:
-            if self._call is call:
-                self._call = self._queue = self._reader = None
-            for future in pending.values():
-                if not future.done():
-                    future.set_exception(_error(
-                        future.model, f"the request stream to Triton ended ({reason}); "
-                        "the request may or may not have run", status))
-            pending.clear()
-
-    async def close(self) -> None:
-        call, reader, queue = self._call, self._reader, self._queue
-        self._call = self._queue = self._reader = None
-        if queue is not None:
-            queue.put_nowait(None)
-        if call is not None:
-            call.cancel()
-        if reader is not None:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-        await self._channel.close()
-
-
 class TritonModelClient:
-    """Async inference against one Triton server, given its gRPC ``host:port``."""
+    """Async inference against one Triton server, given its gRPC ``host:port`` and HTTP URL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, http_url: str = "") -> None:
         self.url = url
         self._client: grpcclient.InferenceServerClient | None = None
-        self._stream: _InferStream | None = None
+        self._http = TritonHttp(http_url)
         self._pool: _RegionPool | None = None
         self._metadata: dict[str, Any] = {}
         self._ratio: dict[str, float] = {}  # model -> largest output/input byte ratio seen
@@ -424,12 +265,9 @@ class TritonModelClient:
                 if shm_outputs is not None:
                     return await self._infer_shm(model, inputs, size, shm_outputs, parameters, request_id,
                                                  model_version)
-        request = _build_request(model, model_version, request_id,
-                                 [(name, self._check(name, array), array) for name, array in inputs.items()],
-                                 parameters, outputs)
-        if self._stream is None:
-            self._stream = _InferStream(self.url)
-        return _response_arrays(model, await self._stream.infer(model, request), outputs)
+        return await self._http.infer(model, model_version, request_id,
+                                      [(name, self._check(name, array), array) for name, array in inputs.items()],
+                                      parameters, outputs)
 
     async def _call(self, model: str, inputs: list, requested: list | None, parameters: dict | None,
                     request_id: str, model_version: str) -> Any:
@@ -542,9 +380,7 @@ class TritonModelClient:
             raise
 
     async def close(self) -> None:
-        if self._stream is not None:
-            stream, self._stream = self._stream, None
-            await stream.close()
+        await self._http.close()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
