@@ -81,7 +81,7 @@ class WorkerService:
         self.triton_model_configs: dict[tuple[str, str | None], dict[str, dict]] = defaultdict(dict)
         self._triton_ready: dict[tuple[str, str | None], asyncio.Event] = {}
         self._watchdogs: dict[tuple[str, str | None], asyncio.Task] = {}
-        # one client (gRPC stream, shared-memory pool) per server, shared by the models it holds
+        # one client (HTTP connections, shared-memory pool) per server, shared by the models it holds
         self._triton_clients: dict[TritonServer, TritonModelClient] = {}
         self.triton_restarts = 0
         self._triton_lock: asyncio.Lock | None = None
@@ -327,7 +327,7 @@ class WorkerService:
         return server
 
     def triton_client(self, server: TritonServer) -> TritonModelClient:
-        """The client of ``server`` that every operator here shares: one gRPC stream, and one
+        """The client of ``server`` that every operator here shares: one set of connections, and one
         shared-memory pool, so one model's output can be the next model's input in place."""
         from tdask.triton_client import TritonModelClient
 

@@ -205,7 +205,7 @@ class _RegionPool:
 class TritonModelClient:
     """Async inference against one Triton server, given its gRPC ``host:port`` and HTTP URL."""
 
-    def __init__(self, url: str, http_url: str = "") -> None:
+    def __init__(self, url: str, http_url: str) -> None:
         self.url = url
         self._client: grpcclient.InferenceServerClient | None = None
         self._http = TritonHttp(http_url)

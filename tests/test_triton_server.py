@@ -36,7 +36,7 @@ class Env:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.server = TritonServer(REPOSITORY)
-        self.client = TritonModelClient("")
+        self.client = TritonModelClient("", "")  # replaced once the server runs
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return self.loop.run_until_complete(coro)
@@ -256,7 +256,7 @@ def test_statistics_rise_by_exactly_the_requests_sent(env: Env) -> None:
 
 
 def test_spawns_survive_busy_grpc_threads(env: Env, tmp_path: Path) -> None:
-    """A worker restarts Triton while its gRPC streams are busy: the spawn must not run Python
+    """A worker restarts Triton while its gRPC threads are busy: the spawn must not run Python
     between fork and exec (a ``preexec_fn`` crashed ~1 child in 4 here with SIGSEGV). 60 spawns of a
     stand-in binary that exits 3 at once, under load: every one must exit 3, none crash."""
     real_root = pytriton_server_root()
@@ -270,12 +270,26 @@ def test_spawns_survive_busy_grpc_threads(env: Env, tmp_path: Path) -> None:
     async def scenario() -> tuple[list[str], int]:
         stop = asyncio.Event()
 
-        async def busy() -> int:
+        async def busy() -> int:  # 8 requests at a time on a gRPC stream: gRPC's threads at work
+            import tritonclient.grpc.aio as grpcclient
+
+            tensor = grpcclient.InferInput("input", [10], "INT64")
+            tensor.set_data_from_numpy(np.arange(10, dtype=np.int64))
+            queue: asyncio.Queue = asyncio.Queue()
+            for _ in range(8):
+                queue.put_nowait({"model_name": "encoder", "inputs": [tensor]})
+
+            async def requests() -> Any:
+                while (request := await queue.get()) is not None:
+                    yield request
+
             n = 0
-            while not stop.is_set():
-                await asyncio.gather(*(env.client.infer("encoder", {"input": np.arange(10, dtype=np.int64)})
-                                       for _ in range(8)))
-                n += 8
+            async for _result, error in env.client.client.stream_infer(requests()):
+                assert error is None, error
+                n += 1
+                queue.put_nowait(None if stop.is_set() else {"model_name": "encoder", "inputs": [tensor]})
+                if stop.is_set():
+                    break
             return n
 
         load = asyncio.ensure_future(busy())
