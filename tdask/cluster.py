@@ -86,8 +86,33 @@ async def start_embedded_cluster(
     scheduler_kwargs = dict(kwargs.pop("scheduler_kwargs", None) or {})
     scheduler_kwargs.setdefault("preload", ["tdask.dashboard"])  # the tdask dashboard page and /metrics
     with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):  # read by each Nanny
-        return await _start(n_workers, gpus, protocol, host, scheduler_port, dashboard_address, security,
-                            scheduler_kwargs, **kwargs)
+        cluster = await LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            protocol=f"{protocol}://" if protocol else None,
+            host=host,
+            scheduler_port=scheduler_port,
+            dashboard_address=dashboard_address,
+            security=security,
+            asynchronous=True,
+            preload=["tdask._embedded_worker"],
+            scheduler_kwargs=scheduler_kwargs,
+            **kwargs,
+        )
+        if gpus:
+            # one GPU=1 worker per GPU; asking for more workers than GPUs shares them round robin
+            # (two workers on one GPU still exercise CUDA IPC between processes)
+            found = max(1, count_gpus())
+            for i in range(gpus):
+                spec = copy.deepcopy(cluster.new_spec)
+                options = spec.setdefault("options", {})
+                options["resources"] = {"GPU": 1}
+                options["env"] = {**options.get("env", {}), "CUDA_VISIBLE_DEVICES": str(i % found)}
+                cluster.worker_spec[f"gpu-{i}"] = spec
+            await cluster._correct_state()
+            await cluster.scheduler_comm.identity()
+    return cluster
 
 
 def worker_environ() -> dict[str, Any]:
@@ -95,35 +120,3 @@ def worker_environ() -> dict[str, Any]:
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", None) or {})
     environ.update(config.get("embedded-cluster.worker-environ", None) or {})
     return environ
-
-
-async def _start(n_workers: int, gpus: int, protocol: str, host: str | None, scheduler_port: int,
-                 dashboard_address: str, security: Any, scheduler_kwargs: dict[str, Any],
-                 **kwargs: Any) -> LocalCluster:
-    cluster = await LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=True,
-        protocol=f"{protocol}://" if protocol else None,
-        host=host,
-        scheduler_port=scheduler_port,
-        dashboard_address=dashboard_address,
-        security=security,
-        asynchronous=True,
-        preload=["tdask._embedded_worker"],
-        scheduler_kwargs=scheduler_kwargs,
-        **kwargs,
-    )
-    if gpus:
-        # one GPU=1 worker per GPU; asking for more workers than GPUs shares them round robin
-        # (two workers on one GPU still exercise CUDA IPC between processes)
-        found = max(1, count_gpus())
-        for i in range(gpus):
-            spec = copy.deepcopy(cluster.new_spec)
-            options = spec.setdefault("options", {})
-            options["resources"] = {"GPU": 1}
-            options["env"] = {**options.get("env", {}), "CUDA_VISIBLE_DEVICES": str(i % found)}
-            cluster.worker_spec[f"gpu-{i}"] = spec
-        await cluster._correct_state()
-        await cluster.scheduler_comm.identity()
-    return cluster

@@ -217,7 +217,7 @@ class RemoteOperator:
             msg = {"op": "infer", "replica": replica, "request_id": request_id, "inputs": checked_inputs,
                    "parameters": params, "keep": keep, "output_device": output_device}
             self.outstanding[replica] += 1
-            if local is not None and worker == local.worker.address:
+            if self.session.in_process(worker):
                 call = local.call_local(msg)  # same process: no comm, no serialization, no copy
             else:
                 msg["inputs"] = {k: to_wire(v) for k, v in checked_inputs.items()}
@@ -329,11 +329,14 @@ class Session:
         """Every deployed operator's record, by name and version."""
         return (await self._lookup(ROOT)) or {}
 
+    def in_process(self, worker: str) -> bool:
+        """Whether ``worker`` is the worker this (worker's) session runs in: calls there need no comm."""
+        return self.local_service is not None and worker == self.local_service.worker.address
+
     def _release_threadsafe(self, worker: str, keys: list[str]) -> None:
-        local = self.local_service
         try:
-            if local is not None and worker == local.worker.address:  # kept by an in-process call
-                self._loop.call_soon_threadsafe(local.store.release, keys)
+            if self.in_process(worker):  # kept by an in-process call: no stream to this worker exists
+                self._loop.call_soon_threadsafe(self.local_service.store.release, keys)
             else:
                 self._loop.call_soon_threadsafe(self.pool.get(worker).send, {"op": "release", "keys": keys})
         except RuntimeError:  # loop closed: the worker's TTL cleans up

@@ -252,22 +252,16 @@ class TritonModelClient:
         model_version: str = "",
     ) -> dict[str, np.ndarray]:
         """Run one request; return every output (or the named ones) as numpy arrays."""
+        typed = [(name, self._check(name, array), array) for name, array in inputs.items()]
         threshold = self._shm_threshold
-        if threshold > 0:
-            size = 0
-            for name, array in inputs.items():
-                if self._check(name, array) == "BYTES":
-                    size = -1
-                    break
-                size += array.nbytes
+        if threshold > 0 and all(datatype != "BYTES" for _, datatype, _ in typed):
+            size = sum(array.nbytes for _, _, array in typed)
             if size >= threshold:
                 shm_outputs = await self._shm_outputs(model, model_version, outputs)
                 if shm_outputs is not None:
-                    return await self._infer_shm(model, inputs, size, shm_outputs, parameters, request_id,
+                    return await self._infer_shm(model, typed, size, shm_outputs, parameters, request_id,
                                                  model_version)
-        return await self._http.infer(model, model_version, request_id,
-                                      [(name, self._check(name, array), array) for name, array in inputs.items()],
-                                      parameters, outputs)
+        return await self._http.infer(model, model_version, request_id, typed, parameters, outputs)
 
     async def _call(self, model: str, inputs: list, requested: list | None, parameters: dict | None,
                     request_id: str, model_version: str) -> Any:
@@ -305,7 +299,7 @@ class TritonModelClient:
             out.append((name, variable))
         return out or None
 
-    async def _infer_shm(self, model: str, inputs: dict[str, np.ndarray], in_bytes: int,
+    async def _infer_shm(self, model: str, typed: list[tuple[str, str, np.ndarray]], in_bytes: int,
                          outs: list[tuple[str, bool]], parameters: dict | None, request_id: str,
                          model_version: str) -> dict[str, np.ndarray]:
         if self._pool is None:
@@ -314,15 +308,14 @@ class TritonModelClient:
         ratio = max(1.0, self._ratio.get(model, 1.0))
         variable = [name for name, var in outs if var]
         out_capacity = _aligned(int(in_bytes * ratio) + _ALIGN)
-        in_place = {name: pool.find(array) for name, array in inputs.items()}  # an earlier output: no copy
-        copied = sum(_aligned(a.nbytes) for name, a in inputs.items() if in_place[name] is None)
+        in_place = {name: pool.find(array) for name, _, array in typed}  # an earlier output: no copy
+        copied = sum(_aligned(a.nbytes) for name, _, a in typed if in_place[name] is None)
         region = await pool.acquire(copied + out_capacity * len(variable))
         lease = region.lease(pool)  # the region is back in the pool once the last output viewing it is gone
         try:
             offset = 0
             infer_inputs = []
-            for name, array in inputs.items():
-                datatype = self._check(name, array)
+            for name, datatype, array in typed:
                 tensor = grpcclient.InferInput(name, list(array.shape), datatype)
                 found = in_place[name]
                 if found is not None:
@@ -351,7 +344,7 @@ class TritonModelClient:
                 self._ratio[model] = ratio * 4
                 logger.info("%s: output larger than %d bytes; shared-memory output estimate raised", model,
                             out_capacity)
-                result = await self._call(model, [self._input(n, a) for n, a in inputs.items()],
+                result = await self._call(model, [self._input(n, a) for n, _, a in typed],
                                           [grpcclient.InferRequestedOutput(n) for n, _ in outs], parameters,
                                           request_id, model_version)
                 placed = {}

@@ -191,6 +191,18 @@ def test_concurrent_requests_sharing_an_id_get_their_own_answers(env: Env) -> No
     assert not any(conn.closed for conn in http._idle)
 
 
+def stand_in_server(root: Path, script: str) -> Path:
+    """A ``bin/tritonserver`` shell script beside the real backends, where TritonServer looks for them."""
+    real_root = pytriton_server_root()
+    for part in ("backends", "python_backend_stubs"):
+        (root / part).symlink_to(real_root / part)
+    (root / "bin").mkdir()
+    fake = root / "bin" / "tritonserver"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    return fake
+
+
 def _leased(client: TritonModelClient) -> int:
     return sum(region.leased for region in client._pool.all)
 
@@ -259,13 +271,7 @@ def test_spawns_survive_busy_grpc_threads(env: Env, tmp_path: Path) -> None:
     """A worker restarts Triton while its gRPC threads are busy: the spawn must not run Python
     between fork and exec (a ``preexec_fn`` crashed ~1 child in 4 here with SIGSEGV). 60 spawns of a
     stand-in binary that exits 3 at once, under load: every one must exit 3, none crash."""
-    real_root = pytriton_server_root()
-    for part in ("backends", "python_backend_stubs"):
-        (tmp_path / part).symlink_to(real_root / part)
-    (tmp_path / "bin").mkdir()
-    fake = tmp_path / "bin" / "tritonserver"
-    fake.write_text("#!/bin/sh\nexit 3\n")
-    fake.chmod(0o755)
+    fake = stand_in_server(tmp_path, "exit 3")
 
     async def scenario() -> tuple[list[str], int]:
         stop = asyncio.Event()
@@ -335,13 +341,7 @@ def test_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_startup_failure_reports_the_log(tmp_path: Path) -> None:
-    real_root = pytriton_server_root()
-    for part in ("backends", "python_backend_stubs"):
-        (tmp_path / part).symlink_to(real_root / part)
-    (tmp_path / "bin").mkdir()
-    fake = tmp_path / "bin" / "tritonserver"
-    fake.write_text("#!/bin/sh\necho 'boom: cannot start' >&2\nexit 3\n")
-    fake.chmod(0o755)
+    fake = stand_in_server(tmp_path, "echo 'boom: cannot start' >&2\nexit 3")
     server = TritonServer(REPOSITORY, server_path=str(fake))
     with pytest.raises(TritonServerError) as info:
         asyncio.run(server.start())
