@@ -414,6 +414,9 @@ def test_killed_server_fails_requests_in_flight_explicitly() -> None:
             psutil.Process(server.pid).kill()
             results = await asyncio.wait_for(asyncio.gather(*slow, return_exceptions=True), 30)
             elapsed = time.monotonic() - started
+            # Until every thread of the killed server has exited, its listening socket may still accept a connect
+            # that is then reset (the leader shows as a zombie before that). "No server there" starts once reaped.
+            await asyncio.wait_for(server.wait(), 30)
             try:
                 later = await asyncio.wait_for(client.infer("encoder", {"input": x}), 30)
             except Exception as e:  # noqa: BLE001 - the assertion below names what was expected
