@@ -7,11 +7,12 @@ import itertools
 import logging
 from typing import Any
 
-from distributed.comm import CommClosedError, connect
+from distributed.comm import CommClosedError, connect, get_address_host
 
 from tdask import config
 from tdask import errors as _errors
 from tdask.errors import ReplicaUnavailableError
+from tdask.socket_comm import connect_socket
 from tdask.writer import CoalescingWriter
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ class WorkerStream:
         self.sender: CoalescingWriter | None = None
         self._reader: asyncio.Task | None = None
         self._connecting: asyncio.Lock = asyncio.Lock()
-        self.bytes_received = 0
 
     async def _ensure(self) -> CoalescingWriter:
         if self.sender is not None and not self.comm.closed():
@@ -51,10 +51,8 @@ class WorkerStream:
             if self.sender is not None and not self.comm.closed():
                 return self.sender
             try:
-                comm = await connect(self.address, timeout=config.seconds("transfer.connect-timeout"),
-                                     **self.connection_args)
-                await comm.write({"op": "tdask_stream", "reply": False})
-            except (OSError, CommClosedError) as e:
+                comm = await self._open()
+            except (OSError, CommClosedError) as e:  # TimeoutError is an OSError
                 error = ReplicaUnavailableError(f"cannot connect to worker {self.address}: {e}")
                 error.retryable = True  # nothing was sent: safe to try another replica
                 raise error from e
@@ -62,6 +60,23 @@ class WorkerStream:
             self.comm, self.sender = comm, sender
             self._reader = asyncio.ensure_future(self._read(comm))
             return sender
+
+    async def _open(self) -> Any:
+        """A request stream: on the worker's plain socket where it offers one, else on a Dask comm."""
+        timeout = config.seconds("transfer.connect-timeout")
+        comm = await connect(self.address, timeout=timeout, **self.connection_args)
+        if self.address.startswith("tcp://") and config.get("transfer.request-stream") == "socket":
+            await comm.write({"op": "tdask_stream_socket", "reply": True})
+            reply = await comm.read()
+            if "port" not in reply:  # the worker failed to open it: say so, never quietly use the Dask comm
+                comm.abort()
+                raise CommClosedError(f"worker {self.address} could not open its request-stream socket: "
+                                      f"{reply.get('text') or reply}")
+            if reply["port"] is not None:
+                await comm.close()
+                return await connect_socket(get_address_host(self.address), reply["port"], timeout)
+        await comm.write({"op": "tdask_stream", "reply": False})
+        return comm
 
     async def call(self, msg: dict[str, Any]) -> dict[str, Any]:
         sender = await self._ensure()

@@ -8,12 +8,13 @@ import threading
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from distributed.comm import CommClosedError
+from distributed.comm import CommClosedError, get_address_host
 from distributed.core import Status
 from distributed.protocol import to_serialize
 
 from tdask import config
 from tdask.errors import InvalidRequestError, PlacementError, ReplicaUnavailableError, TdaskError
+from tdask.socket_comm import SocketListener
 from tdask.store import OutputStore, fetch_kept
 from tdask.tensors import TensorRef, from_wire, inline_threshold, is_array, nbytes, to_wire
 from tdask.writer import CoalescingWriter
@@ -87,7 +88,9 @@ class WorkerService:
         self._triton_lock: asyncio.Lock | None = None
         self.streams: set[Any] = set()
         self._reaper: asyncio.Task | None = None
+        self._socket_listener: SocketListener | None = None
         worker.handlers["tdask_stream"] = self.handle_stream
+        worker.handlers["tdask_stream_socket"] = self.handle_stream_socket
         worker.handlers["tdask_fetch"] = self.handle_fetch
         worker.handlers["tdask_stats"] = self.handle_stats
 
@@ -165,6 +168,21 @@ class WorkerService:
             self.streams.discard(comm)
             sender.abort()
         return Status.dont_reply
+
+    def handle_stream_socket(self) -> dict[str, int | None]:
+        """The port of this worker's plain-socket request stream (opened on first ask); None: Dask comms only."""
+        if not self.worker.address.startswith("tcp://") or config.get("transfer.request-stream") != "socket":
+            return {"port": None}
+        if self._socket_listener is None:
+            host, port = get_address_host(self.worker.address), int(config.get("transfer.request-stream-port"))
+            try:
+                self._socket_listener = SocketListener(host, port, self.handle_stream)
+            except OSError as e:
+                raise OSError(f"cannot listen on {host}:{port} for request streams ({e}); set "
+                              "tdask.transfer.request-stream-port to a free port, or tdask.transfer.request-stream "
+                              "to 'dask' to take requests on the worker's Dask comms") from e
+            logger.info("request streams on tcp://%s", self._socket_listener.address)
+        return {"port": self._socket_listener.port}
 
     async def _answer(self, msg: dict[str, Any], serialize: bool) -> dict[str, Any]:
         """Run one request on its replica: outputs or an error, never nothing."""
@@ -430,6 +448,10 @@ class WorkerService:
                 logger.exception("stopping replica %s", replica.replica_id)
         if self._reaper is not None:
             self._reaper.cancel()
+        if self._socket_listener is not None:
+            self._socket_listener.close()
+        for comm in list(self.streams):  # Dask closes its own comms; the plain-socket ones end here
+            comm.abort()
         servers = list(self.triton_servers.values())
         self.triton_servers.clear()
         for task in self._watchdogs.values():

@@ -99,19 +99,27 @@ def test_per_request_delay_is_applied(loop, session, hello_world):
 
 
 class FrameCounter:
-    """Counts every byte this process receives over Dask's TCP comms (hooks the frame decoder)."""
+    """Counts every byte this process receives over Dask's TCP comms and tdask's socket request streams
+    (hooks both frame decoders)."""
 
     def __init__(self, monkeypatch):
         import distributed.comm.tcp as tcp
 
+        import tdask.socket_comm as socket_comm
+
         self.total = 0
-        original = tcp.from_frames
+        original_tcp, original_socket = tcp.from_frames, socket_comm.loads
 
         async def counting(frames, *args, **kwargs):
             self.total += sum(memoryview(f).nbytes for f in frames)
-            return await original(frames, *args, **kwargs)
+            return await original_tcp(frames, *args, **kwargs)
+
+        def counting_socket(frames, *args, **kwargs):
+            self.total += sum(memoryview(f).nbytes for f in frames)
+            return original_socket(frames, *args, **kwargs)
 
         monkeypatch.setattr(tcp, "from_frames", counting)
+        monkeypatch.setattr(socket_comm, "loads", counting_socket)
 
 
 def test_a_future_passed_to_the_next_operator_moves_worker_to_worker(loop, session, hello_world, monkeypatch):
@@ -133,8 +141,12 @@ def test_a_future_passed_to_the_next_operator_moves_worker_to_worker(loop, sessi
     assert received < 1_000_000, f"the caller read {received} bytes: tensors went through it"
     start = read_bytes()
     out = loop.run(r2.fetch("output"))
-    assert read_bytes() - start >= 8_000_000  # the measurement does see tensors that do come here
+    assert read_bytes() - start >= 8_000_000  # the measurement does see tensors that do come here (a fetch)
     assert np.array_equal(out, x)
+    start = read_bytes()
+    answered = infer(loop, session, "decoder", {"input": ~x}, {"input_copies": 1})  # and answers on the stream
+    assert read_bytes() - start >= 8_000_000
+    assert np.array_equal(answered["output"], x)
 
 
 def test_two_replicas_of_an_operator_both_receive_work(loop, session, hello_world):

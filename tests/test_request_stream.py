@@ -1,0 +1,160 @@
+"""The request stream on a plain socket (tdask.socket_comm): framing over real TCP, how it ends, and
+that callers of tcp:// workers use it (or Dask comms when configured), with clear errors when it cannot open."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import dask.config
+import numpy as np
+import pytest
+from conftest import SUPPORT
+from distributed.comm import CommClosedError
+from distributed.protocol import to_serialize
+
+from tdask.socket_comm import _SMALL, SocketComm, SocketListener, connect_socket
+
+pytestmark = pytest.mark.timeout(300)
+
+
+async def _echo(comm: SocketComm) -> None:
+    while True:
+        try:
+            msg = await comm.read()
+        except CommClosedError:
+            return
+        await comm.write(msg)
+
+
+def test_messages_of_every_size_arrive_whole_and_in_order() -> None:
+    """Frame sizes around the reused buffer's edge, empty frames, 8 MB tensors and batches, many in flight."""
+
+    async def scenario() -> None:
+        listener = SocketListener("127.0.0.1", 0, _echo)
+        comm = await connect_socket("127.0.0.1", listener.port, 5)
+        try:
+            sizes = [0, 1, _SMALL // 8 - 4, _SMALL // 8, _SMALL // 8 + 1, 3 * _SMALL // 8 + 5, 1_000_000]
+            sent = [{"i": i, "x": to_serialize(np.arange(n, dtype=np.int64)), "raw": bytes(n % 7)}
+                    for i, n in enumerate(sizes)]
+            async def read_all() -> list:
+                return [await comm.read() for _ in range(len(sizes) + 1)]  # one reader, like the streams
+
+            reader = asyncio.ensure_future(read_all())
+            for msg in sent:  # one after the other, the answers pile up in the stream
+                await comm.write(msg)
+            await comm.write([{"i": "batch", "x": to_serialize(np.arange(n, dtype=np.int64))} for n in sizes])
+            answers = await asyncio.wait_for(reader, 60)
+            for n, msg, answer in zip(sizes, sent, answers[:-1], strict=True):
+                assert answer["i"] == msg["i"] and answer["raw"] == bytes(n % 7)
+                assert np.array_equal(answer["x"], np.arange(n, dtype=np.int64))
+            assert [len(a["x"]) for a in answers[-1]] == sizes
+        finally:
+            comm.abort()
+            listener.close()
+
+    asyncio.run(scenario())
+
+
+def test_abort_ends_a_pending_read_on_both_sides_and_frees_the_socket() -> None:
+    async def scenario() -> None:
+        accepted: asyncio.Queue[SocketComm] = asyncio.Queue()
+
+        async def keep(comm: SocketComm) -> None:
+            await accepted.put(comm)
+
+        listener = SocketListener("127.0.0.1", 0, keep)
+        try:
+            comm = await connect_socket("127.0.0.1", listener.port, 5)
+            server_side = await asyncio.wait_for(accepted.get(), 10)
+            pending = asyncio.ensure_future(comm.read())
+            peer_read = asyncio.ensure_future(server_side.read())
+            await asyncio.sleep(0.1)
+            comm.abort()
+            with pytest.raises(CommClosedError):
+                await asyncio.wait_for(pending, 5)
+            with pytest.raises(CommClosedError, match="closed by the other side"):
+                await asyncio.wait_for(peer_read, 5)
+            assert comm.closed() and comm.sock.fileno() == -1
+            with pytest.raises(CommClosedError):
+                await comm.write({"after": "abort"})
+            server_side.abort()
+        finally:
+            listener.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_garbage_header_ends_the_stream_instead_of_allocating_it() -> None:
+    async def scenario() -> None:
+        accepted: asyncio.Queue[SocketComm] = asyncio.Queue()
+
+        async def keep(comm: SocketComm) -> None:
+            await accepted.put(comm)
+
+        listener = SocketListener("127.0.0.1", 0, keep)
+        try:
+            raw = socket.create_connection(("127.0.0.1", listener.port))
+            server_side = await asyncio.wait_for(accepted.get(), 10)
+            raw.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            with pytest.raises(CommClosedError, match="malformed"):
+                await asyncio.wait_for(server_side.read(), 5)
+            raw.close()
+        finally:
+            listener.close()
+
+    asyncio.run(scenario())
+
+
+def _comm_kinds(session) -> set[str]:
+    return {type(stream.comm).__name__ for stream in session.pool.streams.values()}
+
+
+def test_callers_of_tcp_workers_use_the_socket_stream_or_dask_comms_when_configured(loop, client, hello_world):
+    import tdask
+
+    async def run(kind: str) -> tuple[set[str], np.ndarray]:
+        with dask.config.set({"tdask.transfer.request-stream": kind}):
+            async with await tdask.connect(client) as session:
+                op = await session.operator("encoder_decoder")
+                x = np.arange(5000, dtype=np.int64)
+                outs = await asyncio.gather(*(op.infer({"input": x + i}) for i in range(20)))
+                for i, out in enumerate(outs):
+                    assert np.array_equal(out["output"], x + i)
+                return _comm_kinds(session), outs[0]["output"]
+
+    kinds, _ = loop.run(run("socket"))
+    assert kinds == {"SocketComm"}
+    kinds, _ = loop.run(run("dask"))
+    assert kinds == {"TCP"}
+
+
+def test_a_worker_that_cannot_open_its_socket_is_a_clear_error_not_a_quiet_dask_comm(loop):
+    """In-process cluster, so the worker sees the port setting: a port already taken."""
+    from distributed import Client, LocalCluster
+
+    import tdask
+    from tdask import OperatorConfig, ReplicaUnavailableError
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        async def scenario() -> Exception:
+            with dask.config.set({"tdask.transfer.request-stream-port": taken.getsockname()[1]}):
+                async with LocalCluster(n_workers=1, processes=False, asynchronous=True, dashboard_address=":0",
+                                        protocol="tcp://", host="127.0.0.1") as cluster, \
+                        Client(cluster, asynchronous=True) as c:
+                    async with tdask.Deployment(c, [OperatorConfig("echo", "sample_operators:Echo",
+                                                                   repository=SUPPORT)]):
+                        async with await tdask.connect(c) as session:
+                            op = await session.operator("echo")
+                            try:
+                                await asyncio.wait_for(op.infer({"x": np.arange(3)}), 60)
+                            except Exception as e:  # noqa: BLE001 - asserted below
+                                return e
+                            raise AssertionError("the request succeeded without the worker's socket")
+
+        error = loop.run(scenario(), timeout=240)
+    finally:
+        taken.close()
+    assert isinstance(error, ReplicaUnavailableError), repr(error)
+    assert "could not open its request-stream socket" in str(error) and "in use" in str(error), str(error)
