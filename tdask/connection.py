@@ -12,7 +12,7 @@ from distributed.comm import CommClosedError, connect, get_address_host
 from tdask import config
 from tdask import errors as _errors
 from tdask.errors import ReplicaUnavailableError
-from tdask.socket_comm import connect_socket
+from tdask.socket_comm import connect_socket, socket_stream_wanted
 from tdask.writer import CoalescingWriter
 
 logger = logging.getLogger(__name__)
@@ -64,18 +64,22 @@ class WorkerStream:
     async def _open(self) -> Any:
         """A request stream: on the worker's plain socket where it offers one, else on a Dask comm."""
         timeout = config.seconds("transfer.connect-timeout")
+        wanted = socket_stream_wanted(self.address)
         comm = await connect(self.address, timeout=timeout, **self.connection_args)
-        if self.address.startswith("tcp://") and config.get("transfer.request-stream") == "socket":
-            await comm.write({"op": "tdask_stream_socket", "reply": True})
-            reply = await comm.read()
-            if "port" not in reply:  # the worker failed to open it: say so, never quietly use the Dask comm
-                comm.abort()
-                raise CommClosedError(f"worker {self.address} could not open its request-stream socket: "
-                                      f"{reply.get('text') or reply}")
-            if reply["port"] is not None:
-                await comm.close()
-                return await connect_socket(get_address_host(self.address), reply["port"], timeout)
-        await comm.write({"op": "tdask_stream", "reply": False})
+        try:
+            if wanted:
+                await comm.write({"op": "tdask_stream_socket", "reply": True})
+                reply = await comm.read()
+                if "port" not in reply:  # the worker failed to open it: say so, never quietly use the Dask comm
+                    raise CommClosedError(f"worker {self.address} could not open its request-stream socket: "
+                                          f"{reply.get('text') or reply}")
+                if reply["port"] is not None:  # None: the worker takes requests on Dask comms only
+                    await comm.close()
+                    return await connect_socket(get_address_host(self.address), reply["port"], timeout)
+            await comm.write({"op": "tdask_stream", "reply": False})
+        except BaseException:
+            comm.abort()
+            raise
         return comm
 
     async def call(self, msg: dict[str, Any]) -> dict[str, Any]:

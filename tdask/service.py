@@ -14,7 +14,7 @@ from distributed.protocol import to_serialize
 
 from tdask import config
 from tdask.errors import InvalidRequestError, PlacementError, ReplicaUnavailableError, TdaskError
-from tdask.socket_comm import SocketListener
+from tdask.socket_comm import SocketListener, socket_stream_wanted
 from tdask.store import OutputStore, fetch_kept
 from tdask.tensors import TensorRef, from_wire, inline_threshold, is_array, nbytes, to_wire
 from tdask.writer import CoalescingWriter
@@ -171,7 +171,7 @@ class WorkerService:
 
     def handle_stream_socket(self) -> dict[str, int | None]:
         """The port of this worker's plain-socket request stream (opened on first ask); None: Dask comms only."""
-        if not self.worker.address.startswith("tcp://") or config.get("transfer.request-stream") != "socket":
+        if not socket_stream_wanted(self.worker.address):
             return {"port": None}
         if self._socket_listener is None:
             host, port = get_address_host(self.worker.address), int(config.get("transfer.request-stream-port"))

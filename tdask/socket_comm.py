@@ -25,11 +25,22 @@ from distributed.protocol import dumps, loads
 from distributed.protocol.utils import host_array
 from distributed.utils import ensure_memoryview
 
+from tdask import config
+from tdask.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 _U64 = struct.Struct("<Q")
 _SMALL = 64 * 1024  # frames up to this size are read through one reused buffer; larger ones into their own
 _MAX_FRAMES = 1 << 20
+
+
+def socket_stream_wanted(address: str) -> bool:
+    """Whether requests to ``address`` should use a plain-socket stream (``tdask.transfer.request-stream``)."""
+    kind = config.get("transfer.request-stream")
+    if kind not in ("socket", "dask"):
+        raise ConfigError(f"tdask.transfer.request-stream must be 'socket' or 'dask', not {kind!r}")
+    return kind == "socket" and address.startswith("tcp://")
 
 
 def _tuned(sock: socket.socket) -> socket.socket:

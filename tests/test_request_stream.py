@@ -13,7 +13,7 @@ from conftest import SUPPORT
 from distributed.comm import CommClosedError
 from distributed.protocol import to_serialize
 
-from tdask.socket_comm import _SMALL, SocketComm, SocketListener, connect_socket
+from tdask.socket_comm import _SMALL, SocketComm, SocketListener, connect_socket, socket_stream_wanted
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -104,6 +104,18 @@ def test_a_garbage_header_ends_the_stream_instead_of_allocating_it() -> None:
             listener.close()
 
     asyncio.run(scenario())
+
+
+def test_only_plain_tcp_workers_get_the_socket_stream_and_a_misspelt_setting_is_an_error() -> None:
+    from tdask import ConfigError
+
+    assert socket_stream_wanted("tcp://10.0.0.1:8786")
+    assert not socket_stream_wanted("tls://10.0.0.1:8786") and not socket_stream_wanted("ucx://10.0.0.1:8786")
+    with dask.config.set({"tdask.transfer.request-stream": "dask"}):
+        assert not socket_stream_wanted("tcp://10.0.0.1:8786")
+    with dask.config.set({"tdask.transfer.request-stream": "sockets"}), \
+            pytest.raises(ConfigError, match="must be 'socket' or 'dask', not 'sockets'"):
+        socket_stream_wanted("tcp://10.0.0.1:8786")
 
 
 def _comm_kinds(session) -> set[str]:
