@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from distributed.comm import CommClosedError
+from distributed.comm.tcp import set_tcp_timeout
 from distributed.protocol import dumps, loads
 from distributed.protocol.utils import host_array
 from distributed.utils import ensure_memoryview
@@ -43,20 +44,15 @@ def socket_stream_wanted(address: str) -> bool:
     return kind == "socket" and address.startswith("tcp://")
 
 
-def _tuned(sock: socket.socket) -> socket.socket:
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    return sock
-
-
 class SocketComm:
     """What the request stream uses of a Dask comm (``read``, ``write``, ``closed``, ``abort``)."""
 
     allow_offload = False  # set by CoalescingWriter on Dask comms; nothing is offloaded here
 
     def __init__(self, sock: socket.socket, peer_address: str) -> None:
-        self.sock = _tuned(sock)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.socket = sock
         self.peer_address = peer_address
         self._loop = asyncio.get_running_loop()
         self._buf = bytearray(_SMALL)  # never resized: views of it stay valid
@@ -64,6 +60,7 @@ class SocketComm:
         self._start = self._end = 0
         self._closed = False
         self._busy = 0  # reads and writes in progress
+        set_tcp_timeout(self)  # a silent peer is dropped as on Dask's comms (distributed.comm.timeouts.tcp)
 
     def __repr__(self) -> str:
         return f"<SocketComm to {self.peer_address}{' closed' if self._closed else ''}>"
@@ -80,21 +77,21 @@ class SocketComm:
         if not self._closed:
             self._closed = True
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)
+                self.socket.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
         self._release()
 
     def _release(self) -> None:
-        if self._closed and not self._busy and self.sock.fileno() != -1:
-            self.sock.close()
+        if self._closed and not self._busy and self.socket.fileno() != -1:
+            self.socket.close()
 
     async def close(self) -> None:
         self.abort()
 
     # -- reading and writing ---------------------------------------------------------------
     async def _send(self, data: bytes | memoryview) -> None:
-        call = self._loop.sock_sendall(self.sock, data)
+        call = self._loop.sock_sendall(self.socket, data)
         if self._closed:
             call.close()
             raise CommClosedError(f"{self!r}")
@@ -115,7 +112,7 @@ class SocketComm:
         if got >= minimum:
             return got
         done = self._loop.create_future()
-        fd = self.sock.fileno()
+        fd = self.socket.fileno()
         self._busy += 1
         self._loop.add_reader(fd, self._on_readable, done, view, minimum, got)
         try:
@@ -131,7 +128,7 @@ class SocketComm:
             raise CommClosedError(f"{self!r}")
         while got < len(view):
             try:
-                n = self.sock.recv_into(view[got:])
+                n = self.socket.recv_into(view[got:])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
@@ -154,7 +151,7 @@ class SocketComm:
         if got >= minimum:
             done.set_result(got)
         else:  # watched again with the new count
-            self._loop.add_reader(self.sock.fileno(), self._on_readable, done, view, minimum, got)
+            self._loop.add_reader(self.socket.fileno(), self._on_readable, done, view, minimum, got)
 
     async def _buffered(self, n: int) -> bytes:
         """The next ``n`` (<= _SMALL) bytes, through the reused buffer."""

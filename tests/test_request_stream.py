@@ -75,7 +75,7 @@ def test_abort_ends_a_pending_read_on_both_sides_and_frees_the_socket() -> None:
                 await asyncio.wait_for(pending, 5)
             with pytest.raises(CommClosedError, match="closed by the other side"):
                 await asyncio.wait_for(peer_read, 5)
-            assert comm.closed() and comm.sock.fileno() == -1
+            assert comm.closed() and comm.socket.fileno() == -1
             with pytest.raises(CommClosedError):
                 await comm.write({"after": "abort"})
             server_side.abort()
@@ -83,6 +83,28 @@ def test_abort_ends_a_pending_read_on_both_sides_and_frees_the_socket() -> None:
             listener.close()
 
     asyncio.run(scenario())
+
+
+def test_both_ends_drop_a_silent_peer_like_dask_comms_do() -> None:
+    """Keepalive probes and TCP_USER_TIMEOUT from distributed.comm.timeouts.tcp, on both sides."""
+
+    async def scenario() -> list[tuple[int, int]]:
+        accepted: asyncio.Queue[SocketComm] = asyncio.Queue()
+        listener = SocketListener("127.0.0.1", 0, accepted.put)
+        try:
+            comm = await connect_socket("127.0.0.1", listener.port, 5)
+            server_side = await asyncio.wait_for(accepted.get(), 10)
+            opts = [(c.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                     c.socket.getsockopt(socket.SOL_TCP, 18))  # TCP_USER_TIMEOUT, ms
+                    for c in (comm, server_side)]
+            comm.abort()
+            server_side.abort()
+            return opts
+        finally:
+            listener.close()
+
+    with dask.config.set({"distributed.comm.timeouts.tcp": "45s"}):
+        assert asyncio.run(scenario()) == [(1, 45_000), (1, 45_000)]
 
 
 def test_a_garbage_header_ends_the_stream_instead_of_allocating_it() -> None:
