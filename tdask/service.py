@@ -86,7 +86,7 @@ class WorkerService:
         self._triton_clients: dict[TritonServer, TritonModelClient] = {}
         self.triton_restarts = 0
         self._triton_lock: asyncio.Lock | None = None
-        self.streams: set[Any] = set()
+        self.streams: set[CoalescingWriter] = set()  # one per caller's request stream
         self._reaper: asyncio.Task | None = None
         self._socket_listener: SocketListener | None = None
         worker.handlers["tdask_stream"] = self.handle_stream
@@ -142,7 +142,7 @@ class WorkerService:
     # -- the request stream ----------------------------------------------------------
     async def handle_stream(self, comm: Any, **kwargs: Any) -> Status:
         sender = CoalescingWriter(comm)
-        self.streams.add(comm)
+        self.streams.add(sender)
         tasks: set[asyncio.Task] = set()
         try:
             while not comm.closed():
@@ -165,7 +165,7 @@ class WorkerService:
                     else:
                         logger.warning("tdask stream: unknown op %r from %s", op, comm.peer_address)
         finally:
-            self.streams.discard(comm)
+            self.streams.discard(sender)
             sender.abort()
         return Status.dont_reply
 
@@ -450,8 +450,11 @@ class WorkerService:
             self._reaper.cancel()
         if self._socket_listener is not None:
             self._socket_listener.close()
-        for comm in list(self.streams):  # Dask closes its own comms; the plain-socket ones end here
-            comm.abort()
+        # answers of the drained requests leave first; Dask closes its own comms, the plain-socket ones end here
+        senders = list(self.streams)
+        await asyncio.gather(*(sender.flush() for sender in senders))
+        for sender in senders:
+            sender.abort()
         servers = list(self.triton_servers.values())
         self.triton_servers.clear()
         for task in self._watchdogs.values():
