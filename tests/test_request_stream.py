@@ -37,6 +37,7 @@ def test_messages_of_every_size_arrive_whole_and_in_order() -> None:
             sizes = [0, 1, _SMALL // 8 - 4, _SMALL // 8, _SMALL // 8 + 1, 3 * _SMALL // 8 + 5, 1_000_000]
             sent = [{"i": i, "x": to_serialize(np.arange(n, dtype=np.int64)), "raw": bytes(n % 7)}
                     for i, n in enumerate(sizes)]
+
             async def read_all() -> list:
                 return [await comm.read() for _ in range(len(sizes) + 1)]  # one reader, like the streams
 
