@@ -47,8 +47,6 @@ def socket_stream_wanted(address: str) -> bool:
 class SocketComm:
     """What the request stream uses of a Dask comm (``read``, ``write``, ``closed``, ``abort``)."""
 
-    allow_offload = False  # set by CoalescingWriter on Dask comms; nothing is offloaded here
-
     def __init__(self, sock: socket.socket, peer_address: str) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -85,9 +83,6 @@ class SocketComm:
     def _release(self) -> None:
         if self._closed and not self._busy and self.socket.fileno() != -1:
             self.socket.close()
-
-    async def close(self) -> None:
-        self.abort()
 
     # -- reading and writing ---------------------------------------------------------------
     async def _send(self, data: bytes | memoryview) -> None:

@@ -110,16 +110,15 @@ class FrameCounter:
         self.total = 0
         original_tcp, original_socket = tcp.from_frames, socket_comm.loads
 
-        async def counting(frames, *args, **kwargs):
+        def count(frames):
             self.total += sum(memoryview(f).nbytes for f in frames)
-            return await original_tcp(frames, *args, **kwargs)
+            return frames
 
-        def counting_socket(frames, *args, **kwargs):
-            self.total += sum(memoryview(f).nbytes for f in frames)
-            return original_socket(frames, *args, **kwargs)
+        async def counting_tcp(frames, *args, **kwargs):
+            return await original_tcp(count(frames), *args, **kwargs)
 
-        monkeypatch.setattr(tcp, "from_frames", counting)
-        monkeypatch.setattr(socket_comm, "loads", counting_socket)
+        monkeypatch.setattr(tcp, "from_frames", counting_tcp)
+        monkeypatch.setattr(socket_comm, "loads", lambda frames, *a, **kw: original_socket(count(frames), *a, **kw))
 
 
 def test_a_future_passed_to_the_next_operator_moves_worker_to_worker(loop, session, hello_world, monkeypatch):

@@ -4,7 +4,9 @@ that callers of tcp:// workers use it (or Dask comms when configured), with clea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 
 import dask.config
 import numpy as np
@@ -25,6 +27,17 @@ async def _echo(comm: SocketComm) -> None:
         except CommClosedError:
             return
         await comm.write(msg)
+
+
+@contextlib.asynccontextmanager
+async def _listening() -> AsyncIterator[tuple[SocketListener, asyncio.Queue[SocketComm]]]:
+    """A listener on a free local port whose accepted comms are queued, unread, for the test to use."""
+    accepted: asyncio.Queue[SocketComm] = asyncio.Queue()
+    listener = SocketListener("127.0.0.1", 0, accepted.put)
+    try:
+        yield listener, accepted
+    finally:
+        listener.close()
 
 
 def test_messages_of_every_size_arrive_whole_and_in_order() -> None:
@@ -59,13 +72,7 @@ def test_messages_of_every_size_arrive_whole_and_in_order() -> None:
 
 def test_abort_ends_a_pending_read_on_both_sides_and_frees_the_socket() -> None:
     async def scenario() -> None:
-        accepted: asyncio.Queue[SocketComm] = asyncio.Queue()
-
-        async def keep(comm: SocketComm) -> None:
-            await accepted.put(comm)
-
-        listener = SocketListener("127.0.0.1", 0, keep)
-        try:
+        async with _listening() as (listener, accepted):
             comm = await connect_socket("127.0.0.1", listener.port, 5)
             server_side = await asyncio.wait_for(accepted.get(), 10)
             pending = asyncio.ensure_future(comm.read())
@@ -80,8 +87,6 @@ def test_abort_ends_a_pending_read_on_both_sides_and_frees_the_socket() -> None:
             with pytest.raises(CommClosedError):
                 await comm.write({"after": "abort"})
             server_side.abort()
-        finally:
-            listener.close()
 
     asyncio.run(scenario())
 
@@ -90,9 +95,7 @@ def test_both_ends_drop_a_silent_peer_like_dask_comms_do() -> None:
     """Keepalive probes and TCP_USER_TIMEOUT from distributed.comm.timeouts.tcp, on both sides."""
 
     async def scenario() -> list[tuple[int, int]]:
-        accepted: asyncio.Queue[SocketComm] = asyncio.Queue()
-        listener = SocketListener("127.0.0.1", 0, accepted.put)
-        try:
+        async with _listening() as (listener, accepted):
             comm = await connect_socket("127.0.0.1", listener.port, 5)
             server_side = await asyncio.wait_for(accepted.get(), 10)
             opts = [(c.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
@@ -101,8 +104,6 @@ def test_both_ends_drop_a_silent_peer_like_dask_comms_do() -> None:
             comm.abort()
             server_side.abort()
             return opts
-        finally:
-            listener.close()
 
     with dask.config.set({"distributed.comm.timeouts.tcp": "45s"}):
         assert asyncio.run(scenario()) == [(1, 45_000), (1, 45_000)]
@@ -110,21 +111,13 @@ def test_both_ends_drop_a_silent_peer_like_dask_comms_do() -> None:
 
 def test_a_garbage_header_ends_the_stream_instead_of_allocating_it() -> None:
     async def scenario() -> None:
-        accepted: asyncio.Queue[SocketComm] = asyncio.Queue()
-
-        async def keep(comm: SocketComm) -> None:
-            await accepted.put(comm)
-
-        listener = SocketListener("127.0.0.1", 0, keep)
-        try:
+        async with _listening() as (listener, accepted):
             raw = socket.create_connection(("127.0.0.1", listener.port))
             server_side = await asyncio.wait_for(accepted.get(), 10)
             raw.sendall(b"GET / HTTP/1.1\r\n\r\n")
             with pytest.raises(CommClosedError, match="malformed"):
                 await asyncio.wait_for(server_side.read(), 5)
             raw.close()
-        finally:
-            listener.close()
 
     asyncio.run(scenario())
 
