@@ -9,6 +9,11 @@ which avoids protobuf's copies (8 MB: ~84 ms per call in the message, ~15 ms in 
 PLATFORM.md). Outputs are handed out as views of the region, not copies; the region goes back to
 the pool when the last of them is gone, and an output passed as the next model's input on the
 same server is referenced where it lies (encoder -> decoder moves no tensor bytes at all).
+
+A variable-size output's region is sized from what earlier calls of the model with the same request
+parameters returned; the first such call gets its outputs in the message. Triton only finds out that an
+output does not fit after the model ran, so a call that overflows its region is run again (outputs in
+the message) only for idempotent operators; any other gets an explicit error, never a second run.
 """
 
 from __future__ import annotations
@@ -211,7 +216,8 @@ class TritonModelClient:
         self._http = TritonHttp(http_url)
         self._pool: _RegionPool | None = None
         self._metadata: dict[str, Any] = {}
-        self._ratio: dict[str, float] = {}  # model -> largest output/input byte ratio seen
+        # (model, version, parameters) -> largest output/input byte ratio seen; a few hundred kept
+        self._ratio: dict[tuple[str, str, str], float] = {}
         self.shm_calls = 0
         self.shm_inputs_in_place = 0  # inputs that were already in a region of this server: not copied
         self._shm_threshold = int(config.get("triton.shared-memory-threshold") or 0)  # read once, not per call
@@ -250,8 +256,12 @@ class TritonModelClient:
         request_id: str = "",
         outputs: list[str] | None = None,
         model_version: str = "",
+        idempotent: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Run one request; return every output (or the named ones) as numpy arrays."""
+        """Run one request; return every output (or the named ones) as numpy arrays.
+
+        ``idempotent``: the model may run a second time when a large output overflowed its region.
+        """
         typed = [(name, self._check(name, array), array) for name, array in inputs.items()]
         threshold = self._shm_threshold
         if threshold > 0 and all(datatype != "BYTES" for _, datatype, _ in typed):
@@ -260,7 +270,7 @@ class TritonModelClient:
                 shm_outputs = await self._shm_outputs(model, model_version, outputs)
                 if shm_outputs is not None:
                     return await self._infer_shm(model, typed, size, shm_outputs, parameters, request_id,
-                                                 model_version)
+                                                 model_version, idempotent)
         return await self._http.infer(model, model_version, request_id, typed, parameters, outputs)
 
     async def _call(self, model: str, inputs: list, requested: list | None, parameters: dict | None,
@@ -301,12 +311,17 @@ class TritonModelClient:
 
     async def _infer_shm(self, model: str, typed: list[tuple[str, str, np.ndarray]], in_bytes: int,
                          outs: list[tuple[str, bool]], parameters: dict | None, request_id: str,
-                         model_version: str) -> dict[str, np.ndarray]:
+                         model_version: str, idempotent: bool) -> dict[str, np.ndarray]:
         if self._pool is None:
             self._pool = _RegionPool(self.client, int(config.get("triton.shared-memory-pool-bytes")))
         pool = self._pool
-        ratio = max(1.0, self._ratio.get(model, 1.0))
-        variable = [name for name, var in outs if var]
+        key = (model, model_version, repr(sorted((parameters or {}).items())))
+        known = self._ratio.get(key)
+        ratio = max(1.0, known or 1.0)
+        # outputs of a size not yet seen come back in the message: Triton would run the model before
+        # finding that they do not fit a region
+        sized = {name for name, var in outs if var}  # variable-size outputs: their size is learnt
+        variable = sized if known is not None else set()
         out_capacity = _aligned(int(in_bytes * ratio) + _ALIGN)
         in_place = {name: pool.find(array) for name, _, array in typed}  # an earlier output: no copy
         copied = sum(_aligned(a.nbytes) for name, _, a in typed if in_place[name] is None)
@@ -328,9 +343,9 @@ class TritonModelClient:
                 infer_inputs.append(tensor)
             requested = []
             placed: dict[str, int] = {}
-            for name, var in outs:
+            for name, _ in outs:
                 req = grpcclient.InferRequestedOutput(name)
-                if var:
+                if name in variable:
                     req.set_shared_memory(region.name, out_capacity, offset)
                     placed[name] = offset
                     offset += out_capacity
@@ -340,15 +355,22 @@ class TritonModelClient:
             except TritonError as e:
                 if "shared memory" not in str(e) or not variable:
                     raise
-                # An output did not fit the region: learn a larger ratio and send it in the message.
-                self._ratio[model] = ratio * 4
-                logger.info("%s: output larger than %d bytes; shared-memory output estimate raised", model,
-                            out_capacity)
+                # An output did not fit its region: the model ran, its output is lost.
+                self._learn(key, ratio * 4)
+                if not idempotent:
+                    raise TritonError(
+                        f"{model}: an output was larger than the {out_capacity}-byte shared-memory region sized "
+                        f"from earlier requests with these parameters, so Triton could not return it; the model "
+                        f"ran, and is not run again because its operator is not idempotent (set "
+                        f"idempotent=True to allow that). Later requests get a larger region.") from e
+                logger.info("%s: output larger than %d bytes; running it again with outputs in the message",
+                            model, out_capacity)
                 result = await self._call(model, [self._input(n, a) for n, _, a in typed],
                                           [grpcclient.InferRequestedOutput(n) for n, _ in outs], parameters,
                                           request_id, model_version)
                 placed = {}
             arrays: dict[str, np.ndarray] = {}
+            largest = 0.0
             for name, _ in outs:
                 if name in placed:
                     out = result.get_output(name)
@@ -359,18 +381,24 @@ class TritonModelClient:
                     count = int(np.prod(shape, dtype=np.int64))
                     # a view of the region, not a copy: it keeps the region leased while it lives
                     arrays[name] = np.frombuffer(lease, dtype, count, placed[name]).reshape(shape)
-                    if in_bytes:
-                        self._ratio[model] = max(self._ratio.get(model, 1.0), arrays[name].nbytes / in_bytes)
                 else:
                     array = result.as_numpy(name)
                     if array is None:
                         raise TritonError(f"{model}: response has no output {name!r}")
                     arrays[name] = array
+                if in_bytes and name in sized:
+                    largest = max(largest, arrays[name].nbytes / in_bytes)
+            self._learn(key, largest)
             self.shm_calls += 1
             return arrays
         except BaseException:
             region.reusable = False  # the server may still write into it: do not reuse
             raise
+
+    def _learn(self, key: tuple[str, str, str], ratio: float) -> None:
+        self._ratio[key] = max(self._ratio.pop(key, 0.0), ratio)  # re-inserted: the newest are kept
+        if len(self._ratio) > 512:  # parameters unique per request must not grow this without bound
+            del self._ratio[next(iter(self._ratio))]
 
     async def close(self) -> None:
         await self._http.close()

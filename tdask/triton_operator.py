@@ -73,7 +73,7 @@ class TritonCoreOperator(Operator):
                               for k, v in inputs.items()}
                 outputs = await client.infer(
                     self.config.name, inputs, parameters=request.parameters,
-                    request_id=request.request_id,
+                    request_id=request.request_id, idempotent=self.config.idempotent,
                 )
                 if self._cupy is not None:  # and GPU operators hand device arrays to the next operator
                     outputs = {k: self._cupy.asarray(v) for k, v in outputs.items()}

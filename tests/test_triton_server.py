@@ -211,7 +211,8 @@ def test_large_outputs_are_region_views_passed_on_in_place(env: Env) -> None:
     """8 MB through shared memory: the encoder's output is a view of its region (no copy), the decoder
     reads it where it lies, and the region goes back to the pool once no array views it."""
     x = np.random.default_rng(7).integers(-(2**40), 2**40, 1_000_000, dtype=np.int64)
-    env.infer("encoder", x)  # the first large call learns how much larger than its input the output is
+    # the first large call of a model with given parameters learns how much larger than its input the output is
+    env.infer("decoder", env.infer("encoder", x)["output"], parameters={"input_copies": 2})
     before = success_count(env.run(env.server.model_statistics("decoder")))
     shm_calls, in_place = env.client.shm_calls, env.client.shm_inputs_in_place
     encoded = env.infer("encoder", x)
@@ -432,3 +433,56 @@ def test_killed_server_fails_requests_in_flight_explicitly() -> None:
         results
     assert elapsed < 20
     assert isinstance(later, TritonError) and "cannot connect to Triton" in str(later), later
+
+
+def test_a_large_output_of_unknown_size_never_makes_a_model_run_twice_unasked() -> None:
+    """Triton finds that an output does not fit its shared-memory region only after the model ran. The first
+    call with given parameters gets its outputs in the message; a region that proves too small (the model's
+    config changed on the live server) fails a non-idempotent call explicitly, and reruns an idempotent one."""
+    x = np.arange(100_000, dtype=np.int64)  # 800 KB: above the shared-memory threshold
+
+    def executions(stats: dict) -> int:
+        return sum(int(m.get("execution_count", 0) or 0) for m in stats.get("model_stats", []))
+
+    async def load(server: TritonServer, copies: int) -> None:
+        await server.load_model("encoder", merge_model_config(read_model_config(REPOSITORY, "encoder"),
+                                                              name="encoder", instance_count=1,
+                                                              parameters={"input_copies": copies}))
+
+    async def scenario() -> list[tuple[str, int]]:
+        server = TritonServer(REPOSITORY)
+        await server.start()
+        client = None
+        try:
+            await load(server, 2)
+            client = TritonModelClient(server.grpc_url, server.http_url)
+            seen = []
+
+            async def call(copies: int, **kwargs: Any) -> None:
+                before = executions(await server.model_statistics("encoder"))
+                try:
+                    out = (await client.infer("encoder", {"input": x}, **kwargs))["output"]
+                    np.testing.assert_array_equal(out, ~np.repeat(x, copies))
+                    in_region = any(r.holds(out) is not None for r in client._pool.all if r.leased)
+                    outcome = "in region" if in_region else "in message"
+                    del out
+                except TritonError as e:
+                    assert "not run again because its operator is not idempotent" in str(e), e
+                    outcome = "error"
+                seen.append((outcome, executions(await server.model_statistics("encoder")) - before))
+
+            await call(2)  # a new output size: in the message
+            await call(2)  # now known: in a region
+            await load(server, 4)  # the output grows past the region sized for it
+            await call(4)
+            await call(4)  # the next request gets a larger region
+            await load(server, 64)
+            await call(64, idempotent=True)
+            return seen
+        finally:
+            if client is not None:
+                await client.close()
+            await server.stop()
+
+    assert asyncio.run(scenario()) == [("in message", 1), ("in region", 1), ("error", 1), ("in region", 1),
+                                       ("in message", 2)]
