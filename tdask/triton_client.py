@@ -3,12 +3,13 @@
 Small tensors travel in HTTP requests on keep-alive connections driven by the event loop itself
 (:mod:`tdask.triton_http`: about a third of the CPU of a gRPC call here, and no thread hand-off).
 Tensors of ``tdask.triton.shared-memory-threshold`` bytes or more move through Triton's system
-shared-memory extension instead, with gRPC calls (tritonclient): inputs are copied once into a
+shared-memory extension instead, named in the same HTTP requests: inputs are copied once into a
 pooled, pre-registered ``/dev/shm`` region and Triton writes the outputs into the same region,
-which avoids protobuf's copies (8 MB: ~84 ms per call in the message, ~15 ms in shared memory,
-PLATFORM.md). Outputs are handed out as views of the region, not copies; the region goes back to
-the pool when the last of them is gone, and an output passed as the next model's input on the
-same server is referenced where it lies (encoder -> decoder moves no tensor bytes at all).
+which avoids the copies of sending them (8 MB: ~84 ms per gRPC call in the message, ~15 ms in shared
+memory, PLATFORM.md). gRPC (tritonclient) only registers regions and reads model metadata.
+Outputs are handed out as views of the region, not copies; the region goes back to the pool when
+the last of them is gone, and an output passed as the next model's input on the same server is
+referenced where it lies (encoder -> decoder moves no tensor bytes at all).
 
 A variable-size output's region is sized from what earlier calls of the model with the same request
 parameters returned; the first such call gets its outputs in the message. Triton only finds out that an
@@ -35,7 +36,6 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import (
     InferenceServerException,
     np_to_triton_dtype,
-    triton_to_np_dtype,
 )
 
 from tdask import config
@@ -54,6 +54,11 @@ def _triton_error(model: str, exc: InferenceServerException) -> TritonError:
 
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _view(lease: Any, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A view of a region, not a copy: it keeps the region leased while it lives."""
+    return np.frombuffer(lease, dtype, int(np.prod(shape, dtype=np.int64)), offset).reshape(shape)
 
 
 class _Region:
@@ -240,13 +245,6 @@ class TritonModelClient:
             raise InvalidRequestError(f"input {name!r} has unsupported dtype {array.dtype}")
         return datatype
 
-    @classmethod
-    def _input(cls, name: str, array: Any) -> grpcclient.InferInput:
-        datatype = cls._check(name, array)
-        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
-        tensor.set_data_from_numpy(np.ascontiguousarray(array))
-        return tensor
-
     async def infer(
         self,
         model: str,
@@ -272,20 +270,6 @@ class TritonModelClient:
                     return await self._infer_shm(model, typed, size, shm_outputs, parameters, request_id,
                                                  model_version, idempotent)
         return await self._http.infer(model, model_version, request_id, typed, parameters, outputs)
-
-    async def _call(self, model: str, inputs: list, requested: list | None, parameters: dict | None,
-                    request_id: str, model_version: str) -> Any:
-        try:
-            return await self.client.infer(
-                model,
-                inputs,
-                model_version=model_version,
-                outputs=requested,
-                request_id=request_id,
-                parameters=parameters or None,
-            )
-        except InferenceServerException as exc:
-            raise _triton_error(model, exc) from exc
 
     async def _shm_outputs(self, model: str, version: str, wanted: list[str] | None) -> list[tuple[str, bool]] | None:
         """(output name, variable size) for the model's outputs; None when shared memory cannot be used."""
@@ -329,29 +313,25 @@ class TritonModelClient:
         lease = region.lease(pool)  # the region is back in the pool once the last output viewing it is gone
         try:
             offset = 0
-            infer_inputs = []
-            for name, datatype, array in typed:
-                tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+            in_regions: dict[str, tuple[str, int]] = {}
+            for name, _, array in typed:
                 found = in_place[name]
                 if found is not None:
-                    tensor.set_shared_memory(found[0].name, array.nbytes, found[1])
+                    in_regions[name] = (found[0].name, found[1])
                     self.shm_inputs_in_place += 1
                 else:
                     region.view(array.dtype, list(array.shape), offset)[...] = array
-                    tensor.set_shared_memory(region.name, array.nbytes, offset)
+                    in_regions[name] = (region.name, offset)
                     offset += _aligned(array.nbytes)
-                infer_inputs.append(tensor)
-            requested = []
-            placed: dict[str, int] = {}
+            out_regions = {}
             for name, _ in outs:
-                req = grpcclient.InferRequestedOutput(name)
                 if name in variable:
-                    req.set_shared_memory(region.name, out_capacity, offset)
-                    placed[name] = offset
+                    out_regions[name] = (region.name, out_capacity, offset, functools.partial(_view, lease, offset))
                     offset += out_capacity
-                requested.append(req)
+            names = [name for name, _ in outs]
             try:
-                result = await self._call(model, infer_inputs, requested, parameters, request_id, model_version)
+                arrays = await self._http.infer(model, model_version, request_id, typed, parameters, names,
+                                                in_regions=in_regions, out_regions=out_regions)
             except TritonError as e:
                 if "shared memory" not in str(e) or not variable:
                     raise
@@ -365,29 +345,9 @@ class TritonModelClient:
                         f"idempotent=True to allow that). Later requests get a larger region.") from e
                 logger.info("%s: output larger than %d bytes; running it again with outputs in the message",
                             model, out_capacity)
-                result = await self._call(model, [self._input(n, a) for n, _, a in typed],
-                                          [grpcclient.InferRequestedOutput(n) for n, _ in outs], parameters,
-                                          request_id, model_version)
-                placed = {}
-            arrays: dict[str, np.ndarray] = {}
-            largest = 0.0
-            for name, _ in outs:
-                if name in placed:
-                    out = result.get_output(name)
-                    if out is None:
-                        raise TritonError(f"{model}: response has no output {name!r}")
-                    shape = [int(d) for d in out.shape]
-                    dtype = np.dtype(triton_to_np_dtype(out.datatype))
-                    count = int(np.prod(shape, dtype=np.int64))
-                    # a view of the region, not a copy: it keeps the region leased while it lives
-                    arrays[name] = np.frombuffer(lease, dtype, count, placed[name]).reshape(shape)
-                else:
-                    array = result.as_numpy(name)
-                    if array is None:
-                        raise TritonError(f"{model}: response has no output {name!r}")
-                    arrays[name] = array
-                if in_bytes and name in sized:
-                    largest = max(largest, arrays[name].nbytes / in_bytes)
+                arrays = await self._http.infer(model, model_version, request_id, typed, parameters, names)
+            largest = max((arrays[name].nbytes / in_bytes for name in sized if in_bytes and name in arrays),
+                          default=0.0)
             self._learn(key, largest)
             self.shm_calls += 1
             return arrays
