@@ -40,7 +40,7 @@ from tritonclient.utils import (
 
 from tdask import config
 from tdask.errors import InvalidRequestError, TritonError
-from tdask.triton_http import TritonHttp, triton_error
+from tdask.triton_http import InputRegion, OutputRegion, TritonHttp, triton_error
 
 logger = logging.getLogger(__name__)
 
@@ -313,20 +313,21 @@ class TritonModelClient:
         lease = region.lease(pool)  # the region is back in the pool once the last output viewing it is gone
         try:
             offset = 0
-            in_regions: dict[str, tuple[str, int]] = {}
+            in_regions: dict[str, InputRegion] = {}
             for name, _, array in typed:
                 found = in_place[name]
                 if found is not None:
-                    in_regions[name] = (found[0].name, found[1])
+                    in_regions[name] = InputRegion(found[0].name, found[1])
                     self.shm_inputs_in_place += 1
                 else:
                     region.view(array.dtype, list(array.shape), offset)[...] = array
-                    in_regions[name] = (region.name, offset)
+                    in_regions[name] = InputRegion(region.name, offset)
                     offset += _aligned(array.nbytes)
-            out_regions = {}
+            out_regions: dict[str, OutputRegion] = {}
             for name, _ in outs:
                 if name in variable:
-                    out_regions[name] = (region.name, out_capacity, offset, functools.partial(_view, lease, offset))
+                    out_regions[name] = OutputRegion(region.name, out_capacity, offset,
+                                                     functools.partial(_view, lease, offset))
                     offset += out_capacity
             names = [name for name, _ in outs]
             try:
@@ -346,9 +347,7 @@ class TritonModelClient:
                 logger.info("%s: output larger than %d bytes; running it again with outputs in the message",
                             model, out_capacity)
                 arrays = await self._http.infer(model, model_version, request_id, typed, parameters, names)
-            largest = max((arrays[name].nbytes / in_bytes for name in sized if in_bytes and name in arrays),
-                          default=0.0)
-            self._learn(key, largest)
+            self._learn(key, max((arrays[name].nbytes for name in sized if name in arrays), default=0) / in_bytes)
             self.shm_calls += 1
             return arrays
         except BaseException:

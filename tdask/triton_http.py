@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, urlsplit
 
 import numpy as np
@@ -31,6 +31,22 @@ from tdask.errors import InvalidRequestError, TritonError
 
 _STATUS = {400: "StatusCode.INVALID_ARGUMENT", 404: "StatusCode.NOT_FOUND", 503: "StatusCode.UNAVAILABLE"}
 _HEADER_LENGTH = "inference-header-content-length"
+
+
+class InputRegion(NamedTuple):
+    """Where in Triton's shared memory an input lies."""
+
+    region: str
+    offset: int
+
+
+class OutputRegion(NamedTuple):
+    """Where Triton writes an output, and how to view it there once written."""
+
+    region: str
+    size: int
+    offset: int
+    view: Callable[[np.dtype, tuple[int, ...]], np.ndarray]
 
 
 def triton_error(model: str, message: str, status: str) -> TritonError:
@@ -119,11 +135,10 @@ class TritonHttp:
         return conn
 
     async def infer(self, model: str, model_version: str, request_id: str, inputs: list[tuple[str, str, np.ndarray]],
-                    parameters: dict | None, outputs: list[str] | None, *, in_regions: dict | None = None,
-                    out_regions: dict | None = None) -> dict[str, np.ndarray]:
-        """``in_regions``: input name -> (region, offset) of an input Triton reads from shared memory;
-        ``out_regions``: output name -> (region, byte size, offset, view), ``view(dtype, shape)`` giving the
-        array Triton wrote there."""
+                    parameters: dict | None, outputs: list[str] | None, *,
+                    in_regions: dict[str, InputRegion] | None = None,
+                    out_regions: dict[str, OutputRegion] | None = None) -> dict[str, np.ndarray]:
+        """Inputs named in ``in_regions`` are read from shared memory, outputs in ``out_regions`` written there."""
         header, payloads = _request(request_id, inputs, parameters, outputs, in_regions, out_regions)
         path = f"/v2/models/{quote(model, safe='')}"
         if model_version:
@@ -161,15 +176,22 @@ def _region(region: str, size: int, offset: int) -> dict[str, Any]:
     return {"shared_memory_region": region, "shared_memory_byte_size": size, "shared_memory_offset": offset}
 
 
+def _numpy_dtype(model: str, name: str, datatype: str) -> Any:
+    dtype = triton_to_np_dtype(datatype)
+    if dtype is None:
+        raise TritonError(f"{model}: output {name!r} has unsupported datatype {datatype}")
+    return dtype
+
+
 def _request(request_id: str, inputs: list[tuple[str, str, np.ndarray]], parameters: dict | None,
-             outputs: list[str] | None, in_regions: dict | None = None,
-             out_regions: dict | None = None) -> tuple[bytes, list[Any]]:
+             outputs: list[str] | None, in_regions: dict[str, InputRegion] | None = None,
+             out_regions: dict[str, OutputRegion] | None = None) -> tuple[bytes, list[Any]]:
     tensors, payloads = [], []
     for name, datatype, array in inputs:
         if in_regions and name in in_regions:
-            region, offset = in_regions[name]
+            where = in_regions[name]
             tensors.append({"name": name, "shape": list(array.shape), "datatype": datatype,
-                            "parameters": _region(region, array.nbytes, offset)})
+                            "parameters": _region(where.region, array.nbytes, where.offset)})
             continue
         if datatype == "BYTES":
             serialized = serialize_byte_tensor(array)
@@ -190,13 +212,16 @@ def _request(request_id: str, inputs: list[tuple[str, str, np.ndarray]], paramet
     request["parameters"] = {**(parameters or {}), "binary_data_output": True}
     if outputs:
         out_regions = out_regions or {}
-        request["outputs"] = [{"name": name, "parameters": _region(*out_regions[name][:3]) if name in out_regions
-                               else {"binary_data": True}} for name in outputs]
+        request["outputs"] = [
+            {"name": name, "parameters": _region(o.region, o.size, o.offset) if (o := out_regions.get(name))
+             else {"binary_data": True}}
+            for name in outputs
+        ]
     return json.dumps(request, separators=(",", ":")).encode(), payloads
 
 
 def _response(model: str, status: int, headers: dict[str, str], body: bytes, wanted: list[str] | None,
-              out_regions: dict[str, tuple[str, int, int, Callable]] | None = None) -> dict[str, np.ndarray]:
+              out_regions: dict[str, OutputRegion] | None = None) -> dict[str, np.ndarray]:
     length = int(headers.get(_HEADER_LENGTH, len(body)))
     try:
         answer = json.loads(body[:length])
@@ -209,11 +234,8 @@ def _response(model: str, status: int, headers: dict[str, str], body: bytes, wan
     for out in answer.get("outputs", ()):
         name, datatype = out["name"], out["datatype"]
         shape = tuple(int(d) for d in out["shape"])
-        if out_regions and name in out_regions:  # Triton wrote it into shared memory
-            dtype = triton_to_np_dtype(datatype)
-            if dtype is None or datatype == "BYTES":
-                raise TritonError(f"{model}: output {name!r} has unsupported datatype {datatype}")
-            arrays[name] = out_regions[name][3](np.dtype(dtype), shape)
+        if out_regions and name in out_regions:  # Triton wrote it into shared memory (never BYTES)
+            arrays[name] = out_regions[name].view(np.dtype(_numpy_dtype(model, name, datatype)), shape)
             continue
         size = (out.get("parameters") or {}).get("binary_data_size")
         if size is None:
@@ -225,10 +247,7 @@ def _response(model: str, status: int, headers: dict[str, str], body: bytes, wan
         if datatype == "BYTES":
             array = deserialize_bytes_tensor(data)
         else:
-            dtype = triton_to_np_dtype(datatype)
-            if dtype is None:
-                raise TritonError(f"{model}: output {name!r} has unsupported datatype {datatype}")
-            array = np.frombuffer(data, dtype=dtype)
+            array = np.frombuffer(data, dtype=_numpy_dtype(model, name, datatype))
         arrays[name] = array.reshape(shape)
     for name in wanted or ():
         if name not in arrays:

@@ -207,6 +207,16 @@ def _leased(client: TritonModelClient) -> int:
     return sum(region.leased for region in client._pool.all)
 
 
+def _in_region(client: TritonModelClient, array: np.ndarray) -> bool:
+    """Whether ``array`` views one of the client's leased shared-memory regions (not a copy)."""
+    return any(region.holds(array) is not None for region in client._pool.all if region.leased)
+
+
+async def _load_encoder(server: TritonServer, instances: int, **parameters: Any) -> None:
+    await server.load_model("encoder", merge_model_config(read_model_config(REPOSITORY, "encoder"), name="encoder",
+                                                          instance_count=instances, parameters=parameters or None))
+
+
 def test_large_outputs_are_region_views_passed_on_in_place(env: Env) -> None:
     """8 MB through shared memory: the encoder's output is a view of its region (no copy), the decoder
     reads it where it lies, and the region goes back to the pool once no array views it."""
@@ -217,7 +227,7 @@ def test_large_outputs_are_region_views_passed_on_in_place(env: Env) -> None:
     shm_calls, in_place = env.client.shm_calls, env.client.shm_inputs_in_place
     encoded = env.infer("encoder", x)
     regions = {region.name: region for region in env.client._pool.all}
-    assert any(region.holds(encoded["output"]) is not None for region in regions.values() if region.leased)
+    assert _in_region(env.client, encoded["output"])
     np.testing.assert_array_equal(encoded["output"], ~np.repeat(x, 2))
     decoded = env.infer("decoder", encoded["output"], parameters={"input_copies": 2})
     np.testing.assert_array_equal(decoded["output"], x)
@@ -244,8 +254,7 @@ def test_outputs_outlive_their_client() -> None:
         server = TritonServer(REPOSITORY)
         await server.start()
         try:
-            await server.load_model("encoder", merge_model_config(read_model_config(REPOSITORY, "encoder"),
-                                                                  name="encoder", instance_count=1))
+            await _load_encoder(server, 1)
             client = TritonModelClient(server.grpc_url, server.http_url)
             out = (await client.infer("encoder", {"input": np.arange(100_000, dtype=np.int64)}))["output"]
             names = {region.name for region in client._pool.all}
@@ -404,8 +413,7 @@ def test_killed_server_fails_requests_in_flight_explicitly() -> None:
         await server.start()
         client = TritonModelClient(server.grpc_url, server.http_url)
         try:
-            config = merge_model_config(read_model_config(REPOSITORY, "encoder"), name="encoder", instance_count=2)
-            await server.load_model("encoder", config)
+            await _load_encoder(server, 2)
             x = np.arange(20, dtype=np.int64)
             await client.infer("encoder", {"input": x})  # a connection is open
             slow = [asyncio.ensure_future(client.infer("encoder", {"input": x}, parameters={"delay": 0.1}))
@@ -444,17 +452,12 @@ def test_a_large_output_of_unknown_size_never_makes_a_model_run_twice_unasked() 
     def executions(stats: dict) -> int:
         return sum(int(m.get("execution_count", 0) or 0) for m in stats.get("model_stats", []))
 
-    async def load(server: TritonServer, copies: int) -> None:
-        await server.load_model("encoder", merge_model_config(read_model_config(REPOSITORY, "encoder"),
-                                                              name="encoder", instance_count=1,
-                                                              parameters={"input_copies": copies}))
-
     async def scenario() -> list[tuple[str, int]]:
         server = TritonServer(REPOSITORY)
         await server.start()
         client = None
         try:
-            await load(server, 2)
+            await _load_encoder(server, 1, input_copies=2)
             client = TritonModelClient(server.grpc_url, server.http_url)
             seen = []
 
@@ -463,8 +466,7 @@ def test_a_large_output_of_unknown_size_never_makes_a_model_run_twice_unasked() 
                 try:
                     out = (await client.infer("encoder", {"input": x}, **kwargs))["output"]
                     np.testing.assert_array_equal(out, ~np.repeat(x, copies))
-                    in_region = any(r.holds(out) is not None for r in client._pool.all if r.leased)
-                    outcome = "in region" if in_region else "in message"
+                    outcome = "in region" if _in_region(client, out) else "in message"
                     del out
                 except TritonError as e:
                     assert "not run again because its operator is not idempotent" in str(e), e
@@ -473,10 +475,10 @@ def test_a_large_output_of_unknown_size_never_makes_a_model_run_twice_unasked() 
 
             await call(2)  # a new output size: in the message
             await call(2)  # now known: in a region
-            await load(server, 4)  # the output grows past the region sized for it
+            await _load_encoder(server, 1, input_copies=4)  # the output grows past the region sized for it
             await call(4)
             await call(4)  # the next request gets a larger region
-            await load(server, 64)
+            await _load_encoder(server, 1, input_copies=64)
             await call(64, idempotent=True)
             return seen
         finally:
