@@ -109,6 +109,29 @@ async def _http_status(host: str, port: int, path: str, timeout: float = 1.0) ->
             pass
 
 
+_SHM_DIR = Path("/dev/shm")
+_SHM_PREFIX = "tdask_triton_"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _sweep_orphaned_regions() -> None:
+    """Remove Python-backend regions of servers whose owning process is gone."""
+    for region in _SHM_DIR.glob(f"{_SHM_PREFIX}*"):
+        owner = region.name[len(_SHM_PREFIX):].split("_", 1)[0]
+        if owner.isdigit() and not _pid_alive(int(owner)):
+            logger.info("removing %s: the process that ran its Triton server (pid %s) is gone", region, owner)
+            region.unlink(missing_ok=True)
+
+
 class TritonServer:
     """One ``tritonserver`` process in explicit model-control mode, on private free ports."""
 
@@ -141,6 +164,9 @@ class TritonServer:
         self._log_path: Path | None = None
         self._ports: dict[str, int] = {}
         self._grpc_client: Any = None
+        # the Python backend's stubs name their /dev/shm regions with this: a region whose owner is gone
+        # can be told apart from a live server's, and swept (a SIGKILLed worker takes Triton down with it)
+        self.shm_prefix = f"{_SHM_PREFIX}{os.getpid()}_{id(self):x}_"
 
     # ------------------------------------------------------------------ properties
     @property
@@ -214,6 +240,7 @@ class TritonServer:
             raise TritonServerError("this TritonServer was already started")
         if not self.model_repository.is_dir():
             raise TritonServerError(f"model repository not found: {self.model_repository}")
+        _sweep_orphaned_regions()
         self._tmpdir = Path(tempfile.mkdtemp(prefix="tdask-triton-"))
         try:
             await self._spawn()
@@ -243,6 +270,7 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={metrics}",
             f"--log-verbose={self.log_verbose}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         env = dict(os.environ)
         # The Python stub takes its site-packages from the first python3 on PATH (it ignores
@@ -330,6 +358,8 @@ class TritonServer:
         self._cleanup_files()
 
     def _cleanup_files(self) -> None:
+        for region in _SHM_DIR.glob(f"{self.shm_prefix}*"):  # left by stubs that died with the server
+            region.unlink(missing_ok=True)
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None

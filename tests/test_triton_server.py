@@ -488,3 +488,35 @@ def test_a_large_output_of_unknown_size_never_makes_a_model_run_twice_unasked() 
 
     assert asyncio.run(scenario()) == [("in message", 1), ("in region", 1), ("error", 1), ("in region", 1),
                                        ("in message", 2)]
+
+
+def test_python_backend_regions_of_a_dead_server_are_removed() -> None:
+    """The stubs' /dev/shm regions carry their server's prefix. Stopping a server removes any it left, and
+    starting one removes those of servers whose owning process died (a SIGKILLed worker) but keeps live ones."""
+    shm = Path("/dev/shm")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = shm / f"tdask_triton_{dead.pid}_0_stale"
+    alive = shm / f"tdask_triton_{os.getpid()}_0_in_use"
+    for path in (orphan, alive):
+        path.write_bytes(b"x")
+
+    async def scenario() -> tuple[list[str], bool, bool]:
+        server = TritonServer(REPOSITORY)
+        try:
+            await server.start()
+            await _load_encoder(server, 1)
+            own = sorted(p.name for p in shm.glob(f"{server.shm_prefix}*"))
+            left = shm / f"{server.shm_prefix}left_behind"
+            left.write_bytes(b"x")
+        finally:
+            await server.stop()
+        return own, orphan.exists(), left.exists()
+
+    try:
+        own, orphan_left, own_left = asyncio.run(scenario())
+        assert own, "the stubs' regions do not carry the server's prefix"
+        assert not orphan_left and alive.exists() and not own_left
+    finally:
+        for path in (orphan, alive):
+            path.unlink(missing_ok=True)
