@@ -118,6 +118,7 @@ class WorkerStream:
                     fut = self.pending.pop(msg.get("id"), None)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
+                msgs = msg = fut = None  # the answers are their futures' now, not held until the next read
         except (CommClosedError, OSError) as e:
             reason = e
         except Exception as e:  # pragma: no cover - keep the error visible

@@ -164,6 +164,8 @@ class WorkerService:
                         return Status.dont_reply
                     else:
                         logger.warning("tdask stream: unknown op %r from %s", op, comm.peer_address)
+                # not held while the next message is awaited: its tensors (shared-memory regions) would stay taken
+                msgs = msg = None
         finally:
             self.streams.discard(sender)
             sender.abort()
@@ -176,13 +178,25 @@ class WorkerService:
         if self._socket_listener is None:
             host, port = get_address_host(self.worker.address), int(config.get("transfer.request-stream-port"))
             try:
-                self._socket_listener = SocketListener(host, port, self.handle_stream)
+                self._socket_listener = SocketListener(host, port, self.handle_stream, self._landing)
             except OSError as e:
                 raise OSError(f"cannot listen on {host}:{port} for request streams ({e}); set "
                               "tdask.transfer.request-stream-port to a free port, or tdask.transfer.request-stream "
                               "to 'dask' to take requests on the worker's Dask comms") from e
             logger.info("request streams on tcp://%s", self._socket_listener.address)
         return {"port": self._socket_listener.port}
+
+    async def _landing(self, nbytes: int) -> memoryview | None:
+        """Where a large frame of a request stream is received: a region of this worker's Triton server,
+        when it has exactly one (a caller's 8 MB tensor is then the model's input where it lies)."""
+        if len(self._triton_clients) != 1:
+            return None
+        (client,) = self._triton_clients.values()
+        try:
+            return await client.landing(nbytes)
+        except Exception:  # noqa: BLE001 - e.g. the server is restarting: the frame gets a buffer of its own
+            logger.debug("no shared-memory region for a %d-byte frame", nbytes, exc_info=True)
+            return None
 
     async def _answer(self, msg: dict[str, Any], serialize: bool) -> dict[str, Any]:
         """Run one request on its replica: outputs or an error, never nothing."""

@@ -9,6 +9,8 @@ latency at concurrency 1. Messages are still made and read by ``distributed.prot
 
 Wire format of one message: frame count (u64), each frame's length (u64), the frames. Large frames are
 received straight into their own buffer and sent from the sender's memory: no tensor is copied here.
+A worker's listener can say where a large frame lands (``landing``): into a shared-memory region of
+its Triton server, so that a tensor a caller sends is Triton's input where it lies.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from tdask.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+Landing = Callable[[int], Awaitable["memoryview | None"]]  # room for a large frame of this many bytes, or None
+
 _U64 = struct.Struct("<Q")
 _SMALL = 64 * 1024  # frames up to this size are read through one reused buffer; larger ones into their own
 _MAX_FRAMES = 1 << 20
@@ -47,7 +51,7 @@ def socket_stream_wanted(address: str) -> bool:
 class SocketComm:
     """What the request stream uses of a Dask comm (``read``, ``write``, ``closed``, ``abort``)."""
 
-    def __init__(self, sock: socket.socket, peer_address: str) -> None:
+    def __init__(self, sock: socket.socket, peer_address: str, landing: Landing | None = None) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket = sock
@@ -58,6 +62,7 @@ class SocketComm:
         self._start = self._end = 0
         self._closed = False
         self._busy = 0  # reads and writes in progress
+        self._landing = landing  # where a large frame is received, when not into a buffer of its own
         set_tcp_timeout(self)  # a silent peer is dropped as on Dask's comms (distributed.comm.timeouts.tcp)
 
     def __repr__(self) -> str:
@@ -166,7 +171,9 @@ class SocketComm:
         return self._buffered(n) if n <= _SMALL else self._large(n)
 
     async def _large(self, n: int) -> memoryview:
-        frame = memoryview(host_array(n))
+        frame = await self._landing(n) if self._landing is not None else None
+        if frame is None:
+            frame = memoryview(host_array(n))
         held = min(n, self._end - self._start)
         frame[:held] = self._view[self._start:self._start + held]
         self._start += held
@@ -222,8 +229,9 @@ async def connect_socket(host: str, port: int, timeout: float) -> SocketComm:
 class SocketListener:
     """Accepts request streams on ``host``; each connection is handed to ``handler`` as a SocketComm."""
 
-    def __init__(self, host: str, port: int, handler: Callable[[SocketComm], Awaitable[Any]]) -> None:
-        self.host, self.handler = host, handler
+    def __init__(self, host: str, port: int, handler: Callable[[SocketComm], Awaitable[Any]],
+                 landing: Landing | None = None) -> None:
+        self.host, self.handler, self.landing = host, handler, landing
         self._sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
                                           backlog=1024)
         self._sock.setblocking(False)
@@ -244,7 +252,7 @@ class SocketListener:
                 logger.warning("request-stream listener %s: accept failed: %s", self.address, e)
                 await asyncio.sleep(0.1)
                 continue
-            comm = SocketComm(conn, f"tcp://{peer[0]}:{peer[1]}")
+            comm = SocketComm(conn, f"tcp://{peer[0]}:{peer[1]}", self.landing)
             task = asyncio.ensure_future(self.handler(comm))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)

@@ -9,7 +9,8 @@ which avoids the copies of sending them (8 MB: ~84 ms per gRPC call in the messa
 memory, PLATFORM.md). gRPC (tritonclient) only registers regions and reads model metadata.
 Outputs are handed out as views of the region, not copies; the region goes back to the pool when
 the last of them is gone, and an output passed as the next model's input on the same server is
-referenced where it lies (encoder -> decoder moves no tensor bytes at all).
+referenced where it lies (encoder -> decoder moves no tensor bytes at all). A worker receives a caller's
+large tensor straight into a region too (:meth:`TritonModelClient.landing`), so it is not copied at all.
 
 A variable-size output's region is sized from what earlier calls of the model with the same request
 parameters returned; the first such call gets its outputs in the message. Triton only finds out that an
@@ -152,6 +153,9 @@ class _RegionPool:
         except BaseException:
             region.destroy()
             raise
+        if self.closed:  # closed while the region was being registered: it would never be unlinked
+            region.destroy()
+            raise TritonError("the Triton server's shared-memory pool was closed (server stopping)")
         self.all.add(region)
         return region
 
@@ -271,6 +275,23 @@ class TritonModelClient:
                                                  model_version, idempotent)
         return await self._http.infer(model, model_version, request_id, typed, parameters, outputs)
 
+    def _region_pool(self) -> _RegionPool:
+        if self._pool is None:
+            self._pool = _RegionPool(self.client, int(config.get("triton.shared-memory-pool-bytes")))
+        return self._pool
+
+    async def landing(self, nbytes: int) -> memoryview | None:
+        """Room for a tensor of ``nbytes`` that is about to arrive, in a leased region of this server:
+        received there, it is a model's input in place (no copy into a region). None below the
+        shared-memory threshold. The region is back in the pool when the last view of it is gone."""
+        if self._shm_threshold <= 0 or nbytes < self._shm_threshold:
+            return None
+        pool = self._region_pool()
+        if pool.closed:
+            return None
+        region = await pool.acquire(nbytes)
+        return memoryview(region.lease(pool)).cast("B")[:nbytes]
+
     async def _shm_outputs(self, model: str, version: str, wanted: list[str] | None) -> list[tuple[str, bool]] | None:
         """(output name, variable size) for the model's outputs; None when shared memory cannot be used."""
         key = f"{model}:{version}"
@@ -296,9 +317,7 @@ class TritonModelClient:
     async def _infer_shm(self, model: str, typed: list[tuple[str, str, np.ndarray]], in_bytes: int,
                          outs: list[tuple[str, bool]], parameters: dict | None, request_id: str,
                          model_version: str, idempotent: bool) -> dict[str, np.ndarray]:
-        if self._pool is None:
-            self._pool = _RegionPool(self.client, int(config.get("triton.shared-memory-pool-bytes")))
-        pool = self._pool
+        pool = self._region_pool()
         key = (model, model_version, repr(sorted((parameters or {}).items())))
         known = self._ratio.get(key)
         ratio = max(1.0, known or 1.0)

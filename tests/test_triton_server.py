@@ -248,6 +248,30 @@ def test_large_outputs_are_region_views_passed_on_in_place(env: Env) -> None:
     del again
 
 
+def test_a_tensor_received_into_a_landing_region_is_a_models_input_in_place(env: Env) -> None:
+    """A worker receives a caller's large frame into ``landing`` (a leased region of its server): the
+    model reads it there (not copied into another region), and the region is back once nothing views it."""
+    x = np.random.default_rng(8).integers(-(2**40), 2**40, 1_000_000, dtype=np.int64)
+    assert env.run(env.client.landing(1000)) is None  # below the shared-memory threshold: a buffer of its own
+
+    async def receive() -> np.ndarray:
+        room = await env.client.landing(x.nbytes)
+        room[:] = x.view(np.uint8)  # what the request stream's recv_into does
+        return np.ndarray(x.shape, x.dtype, buffer=room)  # what Dask's deserializer makes of the frame
+
+    received = env.run(receive())
+    assert _in_region(env.client, received)
+    shm_calls, in_place = env.client.shm_calls, env.client.shm_inputs_in_place
+    out = env.infer("encoder", received)
+    np.testing.assert_array_equal(out["output"], ~np.repeat(x, 2))
+    assert env.client.shm_calls - shm_calls == 1
+    assert env.client.shm_inputs_in_place - in_place == 1
+    leased = _leased(env.client)
+    del received
+    assert _leased(env.client) == leased - 1
+    del out
+
+
 def test_outputs_outlive_their_client() -> None:
     """Closing a client (its server restarted or stopped) must not unmap memory an output still views."""
     async def scenario() -> tuple[np.ndarray, set[str]]:
