@@ -70,6 +70,43 @@ def test_messages_of_every_size_arrive_whole_and_in_order() -> None:
     asyncio.run(scenario())
 
 
+def test_large_frames_are_received_where_the_listener_lands_them_small_ones_never() -> None:
+    """A worker lands a caller's large tensors in shared memory: a frame over the reused buffer's size is
+    received into the room ``landing`` gives (the array views it: no copy), or its own buffer when none."""
+    asked: list[int] = []
+    rooms: list[np.ndarray] = []
+
+    async def landing(nbytes: int) -> memoryview | None:
+        asked.append(nbytes)
+        if nbytes == 3_200_000:  # no room for this one
+            return None
+        rooms.append(np.empty(nbytes, np.uint8))
+        return memoryview(rooms[-1])
+
+    async def scenario() -> None:
+        accepted: asyncio.Queue[SocketComm] = asyncio.Queue()
+        listener = SocketListener("127.0.0.1", 0, accepted.put, landing)
+        comm = await connect_socket("127.0.0.1", listener.port, 5)
+        try:
+            server = await accepted.get()
+            rng = np.random.default_rng(3)
+            sent = {name: rng.integers(0, 2**62, n, dtype=np.int64)
+                    for name, n in (("small", 100), ("edge", _SMALL // 8), ("landed", 200_000), ("own", 400_000))}
+            _, got = await asyncio.wait_for(
+                asyncio.gather(comm.write({k: to_serialize(v) for k, v in sent.items()}), server.read()), 30)
+            for name, x in sent.items():
+                np.testing.assert_array_equal(got[name], x)
+            assert sorted(asked) == [1_600_000, 3_200_000]  # only frames larger than the reused buffer
+            assert np.shares_memory(got["landed"], rooms[0])
+            assert not any(np.shares_memory(got[name], rooms[0]) for name in ("small", "edge", "own"))
+            server.abort()
+        finally:
+            comm.abort()
+            listener.close()
+
+    asyncio.run(scenario())
+
+
 def test_abort_ends_a_pending_read_on_both_sides_and_frees_the_socket() -> None:
     async def scenario() -> None:
         async with _listening() as (listener, accepted):
@@ -186,3 +223,26 @@ def test_a_worker_that_cannot_open_its_socket_is_a_clear_error_not_a_quiet_dask_
         taken.close()
     assert isinstance(error, ReplicaUnavailableError), repr(error)
     assert "could not open its request-stream socket" in str(error) and "in use" in str(error), str(error)
+
+
+def test_an_answer_the_caller_dropped_is_not_held_by_its_stream(loop, client, hello_world):
+    """The stream's reader must not keep its last batch of answers until the next one arrives: a caller
+    that drops a result frees its tensors at once (8 MB outputs would otherwise pile up per stream)."""
+    import gc
+    import weakref
+
+    import tdask
+
+    async def run() -> bool:
+        async with await tdask.connect(client) as session:
+            op = await session.operator("encoder_decoder")
+            x = np.arange(200_000, dtype=np.int64)
+            result = await op.infer({"input": x})
+            assert np.array_equal(result["output"], x)
+            answer = weakref.ref(result["output"])
+            del result
+            await asyncio.sleep(0)  # the loop's handle that resumed this coroutine holds the finished request
+            gc.collect()
+            return answer() is None
+
+    assert loop.run(run())
