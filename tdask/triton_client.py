@@ -42,6 +42,7 @@ from tritonclient.utils import (
 from tdask import config
 from tdask.errors import InvalidRequestError, TritonError
 from tdask.triton_http import InputRegion, OutputRegion, TritonHttp, triton_error
+from tdask.triton_server import POOL_SHM_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class _RegionPool:
         self.free: dict[int, list[_Region]] = defaultdict(list)
         self.idle_bytes = 0
         self.all: set[_Region] = set()
-        self.prefix = f"tdask_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        self.prefix = f"{POOL_SHM_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"  # swept once this process is gone
         self._n = 0
         self.closed = False
         self._loop = asyncio.get_running_loop()

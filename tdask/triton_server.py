@@ -110,7 +110,8 @@ async def _http_status(host: str, port: int, path: str, timeout: float = 1.0) ->
 
 
 _SHM_DIR = Path("/dev/shm")
-_SHM_PREFIX = "tdask_triton_"
+_SHM_PREFIX = "tdask_triton_"  # + owner pid: regions of a server's Python-backend stubs
+POOL_SHM_PREFIX = "tdask_pool_"  # + owner pid: a worker's regions for tensors (tdask.triton_client)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -124,12 +125,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _sweep_orphaned_regions() -> None:
-    """Remove Python-backend regions of servers whose owning process is gone."""
-    for region in _SHM_DIR.glob(f"{_SHM_PREFIX}*"):
-        owner = region.name[len(_SHM_PREFIX):].split("_", 1)[0]
-        if owner.isdigit() and not _pid_alive(int(owner)):
-            logger.info("removing %s: the process that ran its Triton server (pid %s) is gone", region, owner)
-            region.unlink(missing_ok=True)
+    """Remove tdask's /dev/shm regions whose owning process is gone (a SIGKILLed worker cannot remove its own)."""
+    for prefix in (_SHM_PREFIX, POOL_SHM_PREFIX):
+        for region in _SHM_DIR.glob(f"{prefix}*"):
+            owner = region.name[len(prefix):].split("_", 1)[0]
+            if owner.isdigit() and not _pid_alive(int(owner)):
+                logger.info("removing %s: the process that owned it (pid %s) is gone", region, owner)
+                region.unlink(missing_ok=True)
 
 
 class TritonServer:

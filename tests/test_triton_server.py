@@ -495,7 +495,17 @@ def test_a_large_output_of_unknown_size_never_makes_a_model_run_twice_unasked() 
                 except TritonError as e:
                     assert "not run again because its operator is not idempotent" in str(e), e
                     outcome = "error"
-                seen.append((outcome, executions(await server.model_statistics("encoder")) - before))
+                seen.append((outcome, await executions_since(before)))
+
+            async def executions_since(before: int) -> int:
+                # Triton counts an execution when it releases the request, which may come just after the
+                # response: wait for the first, then a moment more so that a second one would be seen too
+                for _ in range(100):
+                    if executions(await server.model_statistics("encoder")) > before:
+                        break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)
+                return executions(await server.model_statistics("encoder")) - before
 
             await call(2)  # a new output size: in the message
             await call(2)  # now known: in a region
@@ -514,21 +524,25 @@ def test_a_large_output_of_unknown_size_never_makes_a_model_run_twice_unasked() 
                                        ("in message", 2)]
 
 
-def test_python_backend_regions_of_a_dead_server_are_removed() -> None:
+def test_shared_memory_regions_of_a_dead_process_are_removed() -> None:
     """The stubs' /dev/shm regions carry their server's prefix. Stopping a server removes any it left, and
-    starting one removes those of servers whose owning process died (a SIGKILLed worker) but keeps live ones."""
+    starting one removes those of servers and tensor pools whose owning process died (a SIGKILLed worker)
+    but keeps live ones."""
     shm = Path("/dev/shm")
     dead = subprocess.Popen(["true"])
     dead.wait()
     orphan = shm / f"tdask_triton_{dead.pid}_0_stale"
     alive = shm / f"tdask_triton_{os.getpid()}_0_in_use"
-    for path in (orphan, alive):
+    orphan_pool = shm / f"tdask_pool_{dead.pid}_0_1"  # a dead worker's tensor region
+    alive_pool = shm / f"tdask_pool_{os.getpid()}_0_1"
+    for path in (orphan, alive, orphan_pool, alive_pool):
         path.write_bytes(b"x")
 
     async def scenario() -> tuple[list[str], bool, bool]:
         server = TritonServer(REPOSITORY)
         try:
             await server.start()
+            assert not orphan_pool.exists() and alive_pool.exists()
             await _load_encoder(server, 1)
             own = sorted(p.name for p in shm.glob(f"{server.shm_prefix}*"))
             left = shm / f"{server.shm_prefix}left_behind"
@@ -542,5 +556,5 @@ def test_python_backend_regions_of_a_dead_server_are_removed() -> None:
         assert own, "the stubs' regions do not carry the server's prefix"
         assert not orphan_left and alive.exists() and not own_left
     finally:
-        for path in (orphan, alive):
+        for path in (orphan, alive, orphan_pool, alive_pool):
             path.unlink(missing_ok=True)
