@@ -25,6 +25,7 @@ import ctypes
 import functools
 import logging
 import os
+import shutil
 import threading
 import uuid
 import weakref
@@ -47,6 +48,7 @@ from tdask.triton_server import POOL_SHM_PREFIX
 logger = logging.getLogger(__name__)
 
 _ALIGN = 64
+_SHM_DIR = "/dev/shm"
 _MIN_REGION = 1 << 20
 
 
@@ -147,6 +149,12 @@ class _RegionPool:
         if free:
             self.idle_bytes -= size
             return free.pop()
+        free_bytes = shutil.disk_usage(_SHM_DIR).free
+        if free_bytes < size:  # tmpfs allocates pages on first touch: a full /dev/shm would SIGBUS the worker
+            raise TritonError(
+                f"cannot create a {size}-byte shared-memory region for a tensor: {_SHM_DIR} has {free_bytes} bytes "
+                f"free (give the machine or container a larger /dev/shm, or set "
+                f"tdask.triton.shared-memory-threshold to 0 to send tensors in the messages)")
         self._n += 1
         region = _Region(f"{self.prefix}_{self._n}", size)
         try:

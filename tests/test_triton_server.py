@@ -272,6 +272,21 @@ def test_a_tensor_received_into_a_landing_region_is_a_models_input_in_place(env:
     del out
 
 
+def test_a_full_dev_shm_is_a_clear_error_not_a_crashed_worker(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tmpfs allocates a region's pages when they are first written: a region created on a full /dev/shm
+    would kill the process with SIGBUS at the copy. A region that does not fit is refused instead."""
+    import types
+
+    import tdask.triton_client
+
+    monkeypatch.setattr(tdask.triton_client.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1 << 20))
+    x = np.ones(6_000_000, dtype=np.int64)  # 48 MB: no pooled region of its size class yet
+    with pytest.raises(TritonError, match=r"/dev/shm has 1048576 bytes free.*shared-memory-threshold to 0"):
+        env.infer("encoder", x)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(env.infer("encoder", x[:1000])["output"], ~np.repeat(x[:1000], 2))
+
+
 def test_outputs_outlive_their_client() -> None:
     """Closing a client (its server restarted or stopped) must not unmap memory an output still views."""
     async def scenario() -> tuple[np.ndarray, set[str]]:
