@@ -43,12 +43,11 @@ from tritonclient.utils import (
 from tdask import config
 from tdask.errors import InvalidRequestError, TritonError
 from tdask.triton_http import InputRegion, OutputRegion, TritonHttp, triton_error
-from tdask.triton_server import POOL_SHM_PREFIX
+from tdask.triton_server import POOL_SHM_PREFIX, SHM_DIR
 
 logger = logging.getLogger(__name__)
 
 _ALIGN = 64
-_SHM_DIR = "/dev/shm"
 _MIN_REGION = 1 << 20
 
 
@@ -149,10 +148,10 @@ class _RegionPool:
         if free:
             self.idle_bytes -= size
             return free.pop()
-        free_bytes = shutil.disk_usage(_SHM_DIR).free
+        free_bytes = shutil.disk_usage(SHM_DIR).free
         if free_bytes < size:  # tmpfs allocates pages on first touch: a full /dev/shm would SIGBUS the worker
             raise TritonError(
-                f"cannot create a {size}-byte shared-memory region for a tensor: {_SHM_DIR} has {free_bytes} bytes "
+                f"cannot create a {size}-byte shared-memory region for a tensor: {SHM_DIR} has {free_bytes} bytes "
                 f"free (give the machine or container a larger /dev/shm, or set "
                 f"tdask.triton.shared-memory-threshold to 0 to send tensors in the messages)")
         self._n += 1

@@ -109,7 +109,7 @@ async def _http_status(host: str, port: int, path: str, timeout: float = 1.0) ->
             pass
 
 
-_SHM_DIR = Path("/dev/shm")
+SHM_DIR = Path("/dev/shm")
 _SHM_PREFIX = "tdask_triton_"  # + owner pid: regions of a server's Python-backend stubs
 POOL_SHM_PREFIX = "tdask_pool_"  # + owner pid: a worker's regions for tensors (tdask.triton_client)
 
@@ -127,7 +127,7 @@ def _pid_alive(pid: int) -> bool:
 def _sweep_orphaned_regions() -> None:
     """Remove tdask's /dev/shm regions whose owning process is gone (a SIGKILLed worker cannot remove its own)."""
     for prefix in (_SHM_PREFIX, POOL_SHM_PREFIX):
-        for region in _SHM_DIR.glob(f"{prefix}*"):
+        for region in SHM_DIR.glob(f"{prefix}*"):
             owner = region.name[len(prefix):].split("_", 1)[0]
             if owner.isdigit() and not _pid_alive(int(owner)):
                 logger.info("removing %s: the process that owned it (pid %s) is gone", region, owner)
@@ -360,7 +360,7 @@ class TritonServer:
         self._cleanup_files()
 
     def _cleanup_files(self) -> None:
-        for region in _SHM_DIR.glob(f"{self.shm_prefix}*"):  # left by stubs that died with the server
+        for region in SHM_DIR.glob(f"{self.shm_prefix}*"):  # left by stubs that died with the server
             region.unlink(missing_ok=True)
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
