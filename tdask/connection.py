@@ -12,7 +12,7 @@ from distributed.comm import CommClosedError, connect, get_address_host
 from tdask import config
 from tdask import errors as _errors
 from tdask.errors import ReplicaUnavailableError
-from tdask.socket_comm import connect_socket, socket_stream_wanted
+from tdask.socket_comm import Landing, connect_socket, socket_stream_wanted
 from tdask.writer import CoalescingWriter
 
 logger = logging.getLogger(__name__)
@@ -35,9 +35,10 @@ class WorkerStream:
     call id. Losing the comm fails every pending call with :class:`ReplicaUnavailableError`.
     """
 
-    def __init__(self, address: str, connection_args: dict[str, Any]) -> None:
+    def __init__(self, address: str, connection_args: dict[str, Any], landing: Landing | None = None) -> None:
         self.address = address
         self.connection_args = connection_args
+        self.landing = landing  # where large frames of the answers are received (plain-socket streams only)
         self.pending: dict[int, asyncio.Future] = {}
         self.comm: Any = None
         self.sender: CoalescingWriter | None = None
@@ -75,7 +76,8 @@ class WorkerStream:
                                           f"{reply.get('text') or reply}")
                 if reply["port"] is not None:  # None: the worker takes requests on Dask comms only
                     await comm.close()
-                    return await connect_socket(get_address_host(self.address), reply["port"], timeout)
+                    return await connect_socket(get_address_host(self.address), reply["port"], timeout,
+                                                self.landing)
             await comm.write({"op": "tdask_stream", "reply": False})
         except BaseException:
             comm.abort()
@@ -148,14 +150,15 @@ class WorkerStream:
 class StreamPool:
     """One :class:`WorkerStream` per worker address, per caller."""
 
-    def __init__(self, connection_args: dict[str, Any]) -> None:
+    def __init__(self, connection_args: dict[str, Any], landing: Landing | None = None) -> None:
         self.connection_args = connection_args
+        self.landing = landing
         self.streams: dict[str, WorkerStream] = {}
 
     def get(self, address: str) -> WorkerStream:
         stream = self.streams.get(address)
         if stream is None:
-            stream = self.streams[address] = WorkerStream(address, self.connection_args)
+            stream = self.streams[address] = WorkerStream(address, self.connection_args, self.landing)
         return stream
 
     async def close(self) -> None:

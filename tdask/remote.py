@@ -26,6 +26,7 @@ from tdask.errors import (
 )
 from tdask.registry import ROOT, operator_key, pick_version
 from tdask.routing import choose_replica
+from tdask.socket_comm import Landing
 from tdask.store import fetch_kept
 from tdask.tensors import TensorRef, check_request_size, check_tensor, from_wire, to_wire
 
@@ -303,10 +304,11 @@ class Session:
         connection_args: dict[str, Any],
         client: Client | None = None,
         owns_client: bool = False,
+        landing: Landing | None = None,
     ) -> None:
         self._lookup = lookup
         self.rpc = rpc
-        self.pool = StreamPool(connection_args)
+        self.pool = StreamPool(connection_args, landing)
         self.client = client
         self._owns_client = owns_client
         self._operators: dict[tuple[str, int | None], RemoteOperator] = {}
@@ -378,7 +380,9 @@ def worker_session(worker: Any) -> Session:
 
         from tdask.service import WorkerService
 
-        session = Session(lookup, worker.rpc, dict(worker.connection_args))
-        session.local_service = WorkerService.of(worker)
+        service = WorkerService.of(worker)
+        # tensors this worker receives from others (answers, fetched outputs) land where its Triton reads them
+        session = Session(lookup, worker.rpc, dict(worker.connection_args), landing=service.landing)
+        session.local_service = service
         worker._tdask_session = session
     return session

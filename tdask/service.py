@@ -13,9 +13,10 @@ from distributed.core import Status
 from distributed.protocol import to_serialize
 
 from tdask import config
+from tdask.connection import error_from_wire
 from tdask.errors import InvalidRequestError, PlacementError, ReplicaUnavailableError, TdaskError
 from tdask.socket_comm import SocketListener, socket_stream_wanted
-from tdask.store import OutputStore, fetch_kept
+from tdask.store import OutputStore
 from tdask.tensors import TensorRef, from_wire, inline_threshold, is_array, nbytes, to_wire
 from tdask.writer import CoalescingWriter
 
@@ -68,8 +69,9 @@ class WorkerService:
     """Installed once per worker as ``worker.extensions["tdask"]``.
 
     It adds two comm handlers to the worker: ``tdask_stream`` (a long-lived, batched,
-    multiplexed request stream per caller) and ``tdask_fetch`` (worker-to-worker fetch of
-    kept outputs), and owns the Triton servers that this worker's replicas share.
+    multiplexed request stream per caller, which also carries other workers' fetches of kept
+    outputs) and ``tdask_fetch`` (a caller's fetch of a kept output), and owns the Triton servers
+    that this worker's replicas share.
     """
 
     def __init__(self, worker: Any) -> None:
@@ -158,6 +160,11 @@ class WorkerService:
                         task = asyncio.ensure_future(self._serve(msg, sender))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
+                    elif op == "fetch":
+                        try:
+                            sender.send(self._fetched(msg))
+                        except CommClosedError:
+                            break
                     elif op == "release":
                         self.store.release(msg.get("keys", []))
                     elif op == "close-stream":
@@ -171,6 +178,19 @@ class WorkerService:
             sender.abort()
         return Status.dont_reply
 
+    def _fetched(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Kept tensors asked for by another worker, answered on the stream it already has to this one
+        (where its listener lands them: an input kept here reaches the next model there without a copy)."""
+        try:
+            keys = msg.get("keys")
+            if not isinstance(keys, (list, tuple)) or not all(isinstance(key, str) for key in keys):
+                raise InvalidRequestError(f"a fetch names its tensors by a list of keys, got {keys!r:.100}")
+            reply: dict[str, Any] = {"tensors": {key: to_serialize(self.store.get(key)) for key in keys}}
+        except TdaskError as e:
+            reply = {"error": error_to_wire(e)}
+        reply["id"] = msg.get("id")
+        return reply
+
     def handle_stream_socket(self) -> dict[str, int | None]:
         """The port of this worker's plain-socket request stream (opened on first ask); None: Dask comms only."""
         if not socket_stream_wanted(self.worker.address):
@@ -178,7 +198,7 @@ class WorkerService:
         if self._socket_listener is None:
             host, port = get_address_host(self.worker.address), int(config.get("transfer.request-stream-port"))
             try:
-                self._socket_listener = SocketListener(host, port, self.handle_stream, self._landing)
+                self._socket_listener = SocketListener(host, port, self.handle_stream, self.landing)
             except OSError as e:
                 raise OSError(f"cannot listen on {host}:{port} for request streams ({e}); set "
                               "tdask.transfer.request-stream-port to a free port, or tdask.transfer.request-stream "
@@ -186,9 +206,10 @@ class WorkerService:
             logger.info("request streams on tcp://%s", self._socket_listener.address)
         return {"port": self._socket_listener.port}
 
-    async def _landing(self, nbytes: int) -> memoryview | None:
+    async def landing(self, nbytes: int) -> memoryview | None:
         """Where a large frame of a request stream is received: a region of this worker's Triton server,
-        when it has exactly one (a caller's 8 MB tensor is then the model's input where it lies)."""
+        when it has exactly one (a caller's 8 MB tensor, or one fetched from another worker, is then the
+        model's input where it lies)."""
         if len(self._triton_clients) != 1:
             return None
         (client,) = self._triton_clients.values()
@@ -280,7 +301,7 @@ class WorkerService:
             else:
                 raise InvalidRequestError(f"input {name!r} is not a tensor ({type(value).__name__})")
         for address, wanted in remote.items():
-            got = await fetch_kept(self.worker.rpc, address, [key for _, key in wanted])
+            got = await self._fetch(address, [key for _, key in wanted])
             for name, key in wanted:
                 resolved[name] = got[key]
         for name, ref in refs.items():
@@ -291,6 +312,15 @@ class WorkerService:
                     f"but holds {tuple(value.shape)} {value.dtype}"
                 )
         return resolved
+
+    async def _fetch(self, address: str, keys: list[str]) -> dict[str, Any]:
+        """Tensors kept on worker ``address``, on this worker's request stream to it."""
+        from tdask.remote import worker_session
+
+        reply = await worker_session(self.worker).pool.get(address).call({"op": "fetch", "keys": keys})
+        if "error" in reply:
+            raise error_from_wire(reply["error"])
+        return reply["tensors"]
 
     # -- Triton servers ----------------------------------------------------------------
     def _triton_key(self, repository: str) -> tuple[str, str | None]:

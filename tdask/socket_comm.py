@@ -9,8 +9,9 @@ latency at concurrency 1. Messages are still made and read by ``distributed.prot
 
 Wire format of one message: frame count (u64), each frame's length (u64), the frames. Large frames are
 received straight into their own buffer and sent from the sender's memory: no tensor is copied here.
-A worker's listener can say where a large frame lands (``landing``): into a shared-memory region of
-its Triton server, so that a tensor a caller sends is Triton's input where it lies.
+A worker can say where a large frame lands (``landing``), on its listener and on the streams it opens to
+other workers: into a shared-memory region of its Triton server, so that a tensor a caller sends, or one
+fetched from the worker that produced it, is Triton's input where it lies.
 """
 
 from __future__ import annotations
@@ -213,8 +214,8 @@ class SocketComm:
         return total + len(head)
 
 
-async def connect_socket(host: str, port: int, timeout: float) -> SocketComm:
-    """A :class:`SocketComm` to a worker's stream listener."""
+async def connect_socket(host: str, port: int, timeout: float, landing: Landing | None = None) -> SocketComm:
+    """A :class:`SocketComm` to a worker's stream listener; ``landing``: where large frames of its answers land."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
@@ -223,7 +224,7 @@ async def connect_socket(host: str, port: int, timeout: float) -> SocketComm:
     except BaseException:
         sock.close()
         raise
-    return SocketComm(sock, f"tcp://{host}:{port}")
+    return SocketComm(sock, f"tcp://{host}:{port}", landing)
 
 
 class SocketListener:

@@ -154,6 +154,35 @@ def test_a_future_passed_to_the_next_operator_moves_worker_to_worker(loop, sessi
     assert np.array_equal(answered["output"], x)
 
 
+
+def _inputs_in_place(dask_worker) -> int:
+    return sum(c.shm_inputs_in_place for c in dask_worker.extensions["tdask"]._triton_clients.values())
+
+
+def test_a_kept_tensor_fetched_by_another_worker_is_its_models_input_in_place(loop, client, session, hello_world):
+    """Worker to worker without an extra copy: the decoder's worker receives the encoder's kept 16 MB output
+    straight into a shared-memory region of its Triton server, which reads it there."""
+    decoder_worker = next(i["worker"] for i in hello_world.replicas if i["name"] == "decoder")
+    x = np.arange(1_000_000, dtype=np.int64)
+
+    async def in_place() -> int:
+        return (await client.run(_inputs_in_place, workers=[decoder_worker]))[decoder_worker]
+
+    async def scenario():
+        enc, dec = await session.operator("encoder"), await session.operator("decoder")
+        for _ in range(10):  # the encoder replica on another worker than the decoder's
+            kept = await enc.infer({"input": x}, {"input_copies": 2}, keep=True)
+            if kept.worker != decoder_worker:
+                break
+        before = await in_place()
+        decoded = await dec.infer({"input": kept["output"]}, {"input_copies": 2})
+        return kept.worker, decoded["output"], await in_place() - before
+
+    encoder_worker, out, received_in_place = loop.run(scenario())
+    assert encoder_worker != decoder_worker
+    np.testing.assert_array_equal(out, x)
+    assert received_in_place == 1
+
 def test_two_replicas_of_an_operator_both_receive_work(loop, session, hello_world):
     encoders = {i["replica"]: i for i in hello_world.replicas if i["name"] == "encoder"}
     assert len(encoders) == 2 and len({i["worker"] for i in encoders.values()}) == 2
