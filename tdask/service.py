@@ -180,7 +180,8 @@ class WorkerService:
 
     def _fetched(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Kept tensors asked for by another worker, answered on the stream it already has to this one
-        (where its listener lands them: an input kept here reaches the next model there without a copy)."""
+        (which lands them where its Triton reads them: an output kept here is the next model's input there
+        without a copy)."""
         try:
             keys = msg.get("keys")
             if not isinstance(keys, (list, tuple)) or not all(isinstance(key, str) for key in keys):
@@ -317,7 +318,10 @@ class WorkerService:
         """Tensors kept on worker ``address``, on this worker's request stream to it."""
         from tdask.remote import worker_session
 
-        reply = await worker_session(self.worker).pool.get(address).call({"op": "fetch", "keys": keys})
+        try:
+            reply = await worker_session(self.worker).pool.get(address).call({"op": "fetch", "keys": keys})
+        except ReplicaUnavailableError as e:
+            raise ReplicaUnavailableError(f"cannot fetch kept tensors from worker {address}: {e}") from e
         if "error" in reply:
             raise error_from_wire(reply["error"])
         return reply["tensors"]
