@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from tdask.errors import TritonServerError
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,20 @@ def _orphan_guard() -> list[str]:
                        "tdask's own shutdown still stops it")
         return []
     return [setpriv, "--pdeathsig", "KILL", "--"]
+
+
+def _kill_stubs(server_pid: int) -> None:
+    """SIGKILL what is left of a stopped server's process group: its Python backend stubs.
+
+    The server leads its own session, and its stubs are in its group. Triton stops them when it shuts
+    down, but a server that was SIGKILLed (a crash, the OOM killer) leaves them orphaned: some then
+    wait for it forever, ignoring SIGTERM (seen after the crash tests and the chaos benchmark). Called
+    once the server is reaped, while the group can only be this server's.
+    """
+    try:
+        os.killpg(server_pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left
 
 
 def _tail(path: Path | None, lines: int = _LOG_TAIL_LINES) -> str:
@@ -134,6 +150,21 @@ def _sweep_orphaned_regions() -> None:
                 region.unlink(missing_ok=True)
 
 
+def _sweep_orphaned_stubs() -> None:
+    """SIGKILL Python backend stubs of tdask's servers that are gone (a server killed with its SIGKILLed
+    worker leaves them, and no tdask code runs then). A stub's arguments name its shared-memory region
+    (tdask's prefix) and its server's pid; stubs of servers not started by tdask are never touched."""
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            argv = proc.info["cmdline"] or []
+            if (len(argv) > 5 and argv[0].endswith("triton_python_backend_stub") and argv[2].startswith(_SHM_PREFIX)
+                    and argv[5].isdigit() and not _pid_alive(int(argv[5]))):
+                logger.info("killing Python backend stub pid %s: its tritonserver (pid %s) is gone", proc.pid, argv[5])
+                proc.kill()
+        except (psutil.Error, OSError):
+            pass
+
+
 class TritonServer:
     """One ``tritonserver`` process in explicit model-control mode, on private free ports."""
 
@@ -162,6 +193,7 @@ class TritonServer:
         self.startup_timeout = float(startup_timeout)
         self.host = host
         self._process: asyncio.subprocess.Process | None = None
+        self._stubs_killed = False  # the stopped server's process group was swept (once: its number may be reused)
         self._tmpdir: Path | None = None
         self._log_path: Path | None = None
         self._ports: dict[str, int] = {}
@@ -242,6 +274,7 @@ class TritonServer:
             raise TritonServerError("this TritonServer was already started")
         if not self.model_repository.is_dir():
             raise TritonServerError(f"model repository not found: {self.model_repository}")
+        _sweep_orphaned_stubs()
         _sweep_orphaned_regions()
         self._tmpdir = Path(tempfile.mkdtemp(prefix="tdask-triton-"))
         try:
@@ -286,6 +319,7 @@ class TritonServer:
         logger.info("starting tritonserver: %s", " ".join(args))
         log_fd = os.open(self._log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
+            self._stubs_killed = False
             self._process = await asyncio.create_subprocess_exec(
                 *args,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -346,6 +380,9 @@ class TritonServer:
                 except ProcessLookupError:
                     pass
                 await process.wait()
+        if process is not None and not self._stubs_killed:
+            self._stubs_killed = True
+            _kill_stubs(process.pid)
         self._cleanup_files()
 
     def kill(self) -> None:
@@ -357,6 +394,9 @@ class TritonServer:
                 os.waitpid(process.pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
+        if process is not None and not self._stubs_killed:
+            self._stubs_killed = True
+            _kill_stubs(process.pid)
         self._cleanup_files()
 
     def _cleanup_files(self) -> None:

@@ -60,11 +60,14 @@ def loop() -> Iterator[LoopThread]:
     lt.close()
 
 
-def tritonservers() -> set[int]:
+def triton_processes() -> set[int]:
+    """tritonserver processes and their Python backend stubs."""
     pids = set()
     for p in psutil.process_iter(["name", "cmdline"]):
         try:
-            if p.info["name"] == "tritonserver" or "tritonserver" in " ".join(p.info["cmdline"] or [])[:300]:
+            cmdline = " ".join(p.info["cmdline"] or [])[:300]
+            if "tritonserver" in cmdline or "triton_python_backend_stub" in cmdline or p.info["name"] in (
+                    "tritonserver", "triton_python_b"):
                 if p.status() != psutil.STATUS_ZOMBIE:
                     pids.add(p.pid)
         except psutil.Error:
@@ -72,10 +75,20 @@ def tritonservers() -> set[int]:
     return pids
 
 
+def _commands(pids: set[int]) -> list[list[str]]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(psutil.Process(pid).cmdline()[:2])
+        except psutil.Error:
+            pass
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leftover_processes() -> Iterator[None]:
-    """Every tritonserver and worker the tests started is gone at the end of the session."""
-    before = tritonservers()
+    """Every tritonserver, Python stub and worker the tests started is gone at the end of the session."""
+    before = triton_processes()
     me = psutil.Process()
     yield
     end = time.time() + 30
@@ -85,7 +98,7 @@ def no_leftover_processes() -> Iterator[None]:
         # other programs' servers on a shared machine are not ours to judge
         mine = {c.pid for c in me.children(recursive=True)}
         out = set()
-        for pid in tritonservers() - before:
+        for pid in triton_processes() - before:
             try:
                 if pid in mine or psutil.Process(pid).ppid() == 1:
                     out.add(pid)
@@ -98,7 +111,7 @@ def no_leftover_processes() -> Iterator[None]:
     left = ours()
     children = [c for c in me.children(recursive=True) if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
                 and "resource_tracker" not in " ".join(c.cmdline())]
-    assert not left, f"tritonserver processes left behind: {left}"
+    assert not left, f"Triton processes left behind: {_commands(left)}"
     assert not children, f"child processes left behind: {[c.cmdline()[:3] for c in children]}"
 
 

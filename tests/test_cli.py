@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, python_env, tritonservers
+from conftest import ROOT, python_env, triton_processes
 
 pytestmark = pytest.mark.timeout(600)
 PY = sys.executable
@@ -156,9 +156,9 @@ def test_dask_scheduler_and_worker_clis_with_deploy_and_client(tmp_path):
             deploy.p.send_signal(signal.SIGTERM)
             assert deploy.p.wait(120) == 0, deploy.text()[-3000:]
             end = time.time() + 30
-            while time.time() < end and servers & tritonservers():
+            while time.time() < end and servers & triton_processes():
                 time.sleep(0.5)
-            assert not servers & tritonservers(), "deploy must stop the Triton servers it started"
+            assert not servers & triton_processes(), "deploy must stop the Triton servers it started"
             assert all(w.p.poll() is None for w in workers), "the user's workers keep running"
             # and they are still usable: a second deploy works on them
             again = Proc([PY, "-m", "deploy", "--scheduler-address", address], tmp_path / "deploy2.log", env)
@@ -179,9 +179,9 @@ def test_dask_scheduler_and_worker_clis_with_deploy_and_client(tmp_path):
                 killed.p.kill()
                 killed.p.wait(30)
                 end = time.time() + 60
-                while time.time() < end and servers & tritonservers():
+                while time.time() < end and servers & triton_processes():
                     time.sleep(0.5)
-                assert not servers & tritonservers(), "orphaned replicas' Triton servers must stop"
+                assert not servers & triton_processes(), "orphaned replicas' Triton servers must stop"
                 assert all(w.p.poll() is None for w in workers)
             finally:
                 killed.stop()

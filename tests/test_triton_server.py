@@ -583,3 +583,75 @@ def test_shared_memory_regions_of_a_dead_process_are_removed() -> None:
     finally:
         for path in (orphan, alive, orphan_pool, alive_pool):
             path.unlink(missing_ok=True)
+
+
+def _stubs_of(server_pid: int) -> list[psutil.Process]:
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if len(argv) > 5 and argv[0].endswith("triton_python_backend_stub") and argv[5] == str(server_pid):
+            out.append(proc)
+    return out
+
+
+def test_stubs_of_a_killed_server_go_when_it_is_stopped() -> None:
+    """A SIGKILLed server cannot stop its Python stubs, and one busy or stuck then may wait for it forever
+    (they ignore SIGTERM). Stopping the dead server (the watchdog does, before starting a new one) kills
+    what is left of its process group. The stubs are frozen here so that none can notice and exit itself."""
+
+    async def scenario() -> tuple[int, int]:
+        server = TritonServer(REPOSITORY)
+        await server.start()
+        try:
+            await _load_encoder(server, 2)
+            stubs = _stubs_of(server.pid)
+            for stub in stubs:
+                stub.suspend()
+            psutil.Process(server.pid).kill()
+            await server.wait()
+            await asyncio.sleep(0.5)
+            frozen = sum(stub.is_running() for stub in stubs)
+        finally:
+            await server.stop()
+        gone, alive = psutil.wait_procs(stubs, timeout=10)
+        for stub in alive:
+            stub.kill()
+        return frozen, len(alive)
+
+    frozen, left = asyncio.run(scenario())
+    assert frozen == 2  # the server's death alone did not end them
+    assert left == 0
+
+
+def test_orphaned_stubs_of_tdask_servers_are_swept_others_never(tmp_path: Path) -> None:
+    """A server killed with its SIGKILLed worker leaves stubs that no tdask code sees die; the next Triton
+    start on the host kills those of tdask's servers that are gone, and nothing else. Stand-ins with a
+    stub's argv (argv[2]: the stub's shared-memory region, argv[5]: its server's pid)."""
+    from tdask.triton_server import _sweep_orphaned_stubs
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stub = str(tmp_path / "triton_python_backend_stub")
+
+    def stand_in(region: str, server_pid: int) -> subprocess.Popen:
+        code = f"{region}=0;import time;time.sleep(60)"  # argv: stub, -c, code (= region...), x, x, pid
+        return subprocess.Popen(["bash", "-c", f'exec -a {stub} "$0" -c "$1" x x {server_pid}', sys.executable, code])
+
+    orphan = stand_in("tdask_triton_1_a", gone.pid)
+    served = stand_in("tdask_triton_2_b", os.getpid())  # its server is alive
+    foreign = stand_in("other_prefix_c", gone.pid)  # not a tdask server's stub
+    procs = [orphan, served, foreign]
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(_stubs_of(gone.pid)) + len(_stubs_of(os.getpid())) < 3:
+            time.sleep(0.05)
+        _sweep_orphaned_stubs()
+        orphan.wait(timeout=10)
+        time.sleep(0.3)
+        assert orphan.returncode == -9
+        assert served.poll() is None and foreign.poll() is None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
