@@ -154,7 +154,7 @@ def _sweep_orphaned_stubs() -> None:
     """SIGKILL Python backend stubs of tdask's servers that are gone (a server killed with its SIGKILLed
     worker leaves them, and no tdask code runs then). A stub's arguments name its shared-memory region
     (tdask's prefix) and its server's pid; stubs of servers not started by tdask are never touched."""
-    for proc in psutil.process_iter(["name", "cmdline"]):
+    for proc in psutil.process_iter(["cmdline"]):
         try:
             argv = proc.info["cmdline"] or []
             if (len(argv) > 5 and argv[0].endswith("triton_python_backend_stub") and argv[2].startswith(_SHM_PREFIX)
@@ -319,7 +319,6 @@ class TritonServer:
         logger.info("starting tritonserver: %s", " ".join(args))
         log_fd = os.open(self._log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            self._stubs_killed = False
             self._process = await asyncio.create_subprocess_exec(
                 *args,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -380,9 +379,7 @@ class TritonServer:
                 except ProcessLookupError:
                     pass
                 await process.wait()
-        if process is not None and not self._stubs_killed:
-            self._stubs_killed = True
-            _kill_stubs(process.pid)
+        self._kill_leftover_stubs()
         self._cleanup_files()
 
     def kill(self) -> None:
@@ -394,10 +391,14 @@ class TritonServer:
                 os.waitpid(process.pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
-        if process is not None and not self._stubs_killed:
-            self._stubs_killed = True
-            _kill_stubs(process.pid)
+        self._kill_leftover_stubs()
         self._cleanup_files()
+
+    def _kill_leftover_stubs(self) -> None:
+        """Once the server is reaped: the first call only (a process group's number may be reused later)."""
+        if self._process is not None and not self._stubs_killed:
+            self._stubs_killed = True
+            _kill_stubs(self._process.pid)
 
     def _cleanup_files(self) -> None:
         for region in SHM_DIR.glob(f"{self.shm_prefix}*"):  # left by stubs that died with the server

@@ -75,6 +75,15 @@ def triton_processes() -> set[int]:
     return pids
 
 
+def settled_count(read: Callable[[], int], expected: int, timeout: float = 5) -> int:
+    """``read()`` once it reached ``expected`` (or after ``timeout``): Triton counts a request when it releases
+    it, which may come just after the response. The caller asserts the exact number."""
+    deadline = time.monotonic() + timeout
+    while (count := read()) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return count
+
+
 def _commands(pids: set[int]) -> list[list[str]]:
     out = []
     for pid in pids:

@@ -10,6 +10,7 @@ import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as grpcclient
+from conftest import settled_count
 
 from tdask import (
     Deployment,
@@ -61,13 +62,8 @@ def test_pipeline_returns_each_input_and_triton_counted_exactly_n(loop, session,
     for x, r in zip(inputs, results, strict=True):
         assert r["output"].dtype == np.int64
         assert np.array_equal(r["output"], x)
-    # Triton counts a success when it releases the request, which may come just after the response
-    deadline = time.monotonic() + 5
-    while True:
-        after = {op: triton_successes(hello_world, op) for op in ("encoder", "decoder")}
-        if all(after[op] - before[op] >= len(inputs) for op in after) or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    after = {op: settled_count(lambda op=op: triton_successes(hello_world, op), before[op] + len(inputs))
+             for op in ("encoder", "decoder")}
     assert after["encoder"] - before["encoder"] == len(inputs)
     assert after["decoder"] - before["decoder"] == len(inputs)
 
@@ -154,7 +150,6 @@ def test_a_future_passed_to_the_next_operator_moves_worker_to_worker(loop, sessi
     assert np.array_equal(answered["output"], x)
 
 
-
 def _inputs_in_place(dask_worker) -> int:
     return sum(c.shm_inputs_in_place for c in dask_worker.extensions["tdask"]._triton_clients.values())
 
@@ -182,6 +177,7 @@ def test_a_kept_tensor_fetched_by_another_worker_is_its_models_input_in_place(lo
     assert encoder_worker != decoder_worker
     np.testing.assert_array_equal(out, x)
     assert received_in_place == 1
+
 
 def test_two_replicas_of_an_operator_both_receive_work(loop, session, hello_world):
     encoders = {i["replica"]: i for i in hello_world.replicas if i["name"] == "encoder"}

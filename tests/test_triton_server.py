@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+from conftest import settled_count
 
 from tdask.errors import InvalidRequestError, TritonError, TritonServerError
 from tdask.triton_client import TritonModelClient
@@ -309,14 +310,7 @@ def test_outputs_outlive_their_client() -> None:
 
 
 def successes_counted(env: Env, model: str, expected: int) -> int:
-    """``model``'s success count once it reached ``expected`` (or after 5 s): Triton counts a success when it
-    releases the request, which may come just after the response. The caller asserts the exact number."""
-    for _ in range(100):
-        count = success_count(env.run(env.server.model_statistics(model)))
-        if count >= expected:
-            return count
-        time.sleep(0.05)
-    return count
+    return settled_count(lambda: success_count(env.run(env.server.model_statistics(model))), expected)
 
 
 def test_statistics_rise_by_exactly_the_requests_sent(env: Env) -> None:
