@@ -76,6 +76,10 @@ class Replica:
     # -- life cycle (actor methods, run on the worker's event loop) -------------------
     async def start(self) -> dict[str, Any]:
         """Build the operator and run its setup; returns what deploy prints."""
+        from tdask.triton_server import sweep_orphans
+
+        # a replica placed again after a worker was SIGKILLed: remove what that worker left on this host
+        await asyncio.to_thread(sweep_orphans)
         self._slots = asyncio.Semaphore(self.config.max_inflight)
         self._idle = asyncio.Event()
         self._idle.set()

@@ -128,6 +128,7 @@ async def _http_status(host: str, port: int, path: str, timeout: float = 1.0) ->
 SHM_DIR = Path("/dev/shm")
 _SHM_PREFIX = "tdask_triton_"  # + owner pid: regions of a server's Python-backend stubs
 POOL_SHM_PREFIX = "tdask_pool_"  # + owner pid: a worker's regions for tensors (tdask.triton_client)
+_TMPDIR_PREFIX = "tdask-triton-"  # + owner pid + "-": a server's backend directory and log
 
 
 def _pid_alive(pid: int) -> bool:
@@ -150,6 +151,17 @@ def _sweep_orphaned_regions() -> None:
                 region.unlink(missing_ok=True)
 
 
+def _sweep_orphaned_tmpdirs() -> None:
+    """Remove the temporary directories (backend copy, log: ~1.4 MB) of servers whose owning process is gone:
+    a SIGKILLed worker cannot remove its own. Directories without an owner pid in their name are not ours
+    to judge."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_TMPDIR_PREFIX}*-*"):
+        owner = path.name[len(_TMPDIR_PREFIX):].split("-", 1)[0]
+        if owner.isdigit() and not _pid_alive(int(owner)) and path.is_dir():
+            logger.info("removing %s: the process that owned it (pid %s) is gone", path, owner)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _sweep_orphaned_stubs() -> None:
     """SIGKILL Python backend stubs of tdask's servers that are gone (a server killed with its SIGKILLed
     worker leaves them, and no tdask code runs then). A stub's arguments name its shared-memory region
@@ -163,6 +175,16 @@ def _sweep_orphaned_stubs() -> None:
                 proc.kill()
         except (psutil.Error, OSError):
             pass
+
+
+def sweep_orphans() -> None:
+    """Remove what dead tdask processes on this host left: stubs, /dev/shm regions, temporary directories.
+
+    Run where tdask starts something (a Triton server, a worker's service), since a SIGKILLed worker runs
+    no code to clean up after itself."""
+    _sweep_orphaned_stubs()
+    _sweep_orphaned_regions()
+    _sweep_orphaned_tmpdirs()
 
 
 class TritonServer:
@@ -274,9 +296,8 @@ class TritonServer:
             raise TritonServerError("this TritonServer was already started")
         if not self.model_repository.is_dir():
             raise TritonServerError(f"model repository not found: {self.model_repository}")
-        _sweep_orphaned_stubs()
-        _sweep_orphaned_regions()
-        self._tmpdir = Path(tempfile.mkdtemp(prefix="tdask-triton-"))
+        sweep_orphans()
+        self._tmpdir = Path(tempfile.mkdtemp(prefix=f"{_TMPDIR_PREFIX}{os.getpid()}-"))
         try:
             await self._spawn()
             await self._wait_ready()

@@ -73,6 +73,8 @@ def test_worker_loss_requests_are_answered_or_explicit_and_replica_is_placed_aga
                 victim = next(r for r in deployment.replicas if r["name"] == "encoder")
                 pids = await client.run(os.getpid)
                 triton_pid = victim["triton_pid"]
+                triton_dir = next(a.split("=", 1)[1] for a in psutil.Process(triton_pid).cmdline()
+                                  if a.startswith("--backend-directory="))
                 load = asyncio.ensure_future(steady_load(session, 12))
                 await asyncio.sleep(3)
                 os.kill(pids[victim["worker"]], signal.SIGKILL)
@@ -90,9 +92,10 @@ def test_worker_loss_requests_are_answered_or_explicit_and_replica_is_placed_aga
                 answered = Counter()
                 for r in await asyncio.gather(*(op.infer({"input": np.arange(3)}) for _ in range(20))):
                     answered[r.replica] += 1
-                return during, after, deployment.events, [triton_pid], answered
+                dead = [triton_pid, os.path.dirname(triton_dir), pids[victim["worker"]]]
+                return during, after, deployment.events, dead, answered
 
-    during, after, events, (triton_pid,), answered = loop.run(main(), timeout=400)
+    during, after, events, (triton_pid, triton_dir, worker_pid), answered = loop.run(main(), timeout=400)
     assert during["correct"] > 0 and during["wrong"] == 0, during
     # requests in flight on the dead replica fail explicitly; one caught connecting to the dead
     # worker may run into its request timeout; everything else is answered correctly
@@ -103,6 +106,9 @@ def test_worker_loss_requests_are_answered_or_explicit_and_replica_is_placed_aga
     assert len(answered) == 2, f"both encoder replicas serve again: {answered}"
     assert not psutil.pid_exists(triton_pid) or psutil.Process(triton_pid).status() == psutil.STATUS_ZOMBIE, \
         "the dead worker's Triton server must not outlive it"
+    # its temporary directory (backend copy, log) is removed by the Triton start that placed the replica again
+    assert os.path.basename(triton_dir).startswith(f"tdask-triton-{worker_pid}-"), triton_dir
+    assert not os.path.exists(triton_dir), "the dead worker's Triton directory must not stay behind"
 
 
 def test_overload_is_an_explicit_error_at_once_not_an_unbounded_queue(loop, fault_cluster):

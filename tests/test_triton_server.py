@@ -11,6 +11,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -615,6 +616,23 @@ def test_stubs_of_a_killed_server_go_when_it_is_stopped() -> None:
     frozen, left = asyncio.run(scenario())
     assert frozen == 2  # the server's death alone did not end them
     assert left == 0
+
+
+def test_temporary_directories_of_gone_owners_are_swept_others_never(tmp_path: Path, monkeypatch) -> None:
+    """A SIGKILLed worker leaves its server's directory (backend copy, log); the next Triton start removes the
+    directories whose owner pid is dead, never one whose owner lives or whose name carries no owner."""
+    from tdask.triton_server import _sweep_orphaned_tmpdirs
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    orphan = tmp_path / f"tdask-triton-{gone.pid}-abc"
+    alive = tmp_path / f"tdask-triton-{os.getpid()}-def"
+    unnamed = tmp_path / "tdask-triton-ghi"  # no owner in the name (made before owners were named)
+    for path in (orphan, alive, unnamed):
+        (path / "backends").mkdir(parents=True)
+    _sweep_orphaned_tmpdirs()
+    assert not orphan.exists() and alive.is_dir() and unnamed.is_dir()
 
 
 def test_orphaned_stubs_of_tdask_servers_are_swept_others_never(tmp_path: Path) -> None:
