@@ -63,6 +63,34 @@ class Measurement:
         }
 
 
+class CpuBusy:
+    """Share of all the machine's cores that were busy (not idle or waiting on I/O) between ``start`` and
+    ``stop``, summed over several intervals: tells a run limited by routing from one limited by the cores."""
+
+    def __init__(self) -> None:
+        self.busy = 0.0
+        self.total = 0.0
+        self._t0: Any = None
+
+    def start(self) -> None:
+        import psutil
+
+        self._t0 = psutil.cpu_times()
+
+    def stop(self) -> None:
+        import psutil
+
+        t1 = psutil.cpu_times()
+        deltas = {f: getattr(t1, f) - getattr(self._t0, f) for f in t1._fields}
+        total = sum(deltas.values()) - deltas.get("guest", 0.0) - deltas.get("guest_nice", 0.0)
+        self.total += total
+        self.busy += total - deltas["idle"] - deltas.get("iowait", 0.0)
+
+    @property
+    def fraction(self) -> float | None:
+        return round(self.busy / self.total, 3) if self.total > 0 else None
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e3, 3)
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from benchmarks.common import RESULTS, Measurement, environment, int_list, plot, print_table, ratio, write_json
+from benchmarks.common import RESULTS, CpuBusy, Measurement, environment, int_list, plot, print_table, ratio, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATORS = ROOT / "operators"
@@ -316,17 +316,20 @@ async def measure_scaling(args: argparse.Namespace, client: Any, direct_server: 
             td = Tdask(session)
             await td.setup()
             ms = {"direct": Measurement("direct"), "tdask_pipeline": Measurement("tdask_pipeline")}
+            cpu = {"direct": CpuBusy(), "tdask_pipeline": CpuBusy()}
             calls = {"direct": direct.call, "tdask_pipeline": td.call_pipeline}
             for call in calls.values():
                 await run_load(call, x, conc, requests=conc)
             for _ in range(args.rounds):
                 for system, call in calls.items():
+                    cpu[system].start()
                     ms[system].add(*await run_load(call, x, conc, duration=args.duration))
+                    cpu[system].stop()
         finally:
             await session.close()
             await deployment.stop()
             await direct.close()
-        systems = {s: m.summary() for s, m in ms.items()}
+        systems = {s: {**m.summary(), "cpu_busy": cpu[s].fraction} for s, m in ms.items()}
         systems["tdask_pipeline"]["throughput_ratio"] = ratio(systems["tdask_pipeline"]["throughput"],
                                                               systems["direct"]["throughput"])
         rows.append({"replicas": n, "concurrency": conc, "systems": systems})
@@ -444,7 +447,7 @@ def report(results: dict[str, Any]) -> str:
         parts.append(print_table(rows, [
             ("replicas", "replicas"), ("conc", "concurrency"), ("system", "system"), ("throughput", "req/s"),
             ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("throughput_ratio", "thr / direct"),
-            ("efficiency", "thr(N) / (N thr(1))"), ("errors", "errors")],
+            ("efficiency", "thr(N) / (N thr(1))"), ("cpu_busy", "CPU busy"), ("errors", "errors")],
             "Scaling (each model call sleeps; concurrency 4 x replicas)"))
     mem = results.get("memory") or {}
     if mem:

@@ -618,6 +618,23 @@ def test_stubs_of_a_killed_server_go_when_it_is_stopped() -> None:
     assert left == 0
 
 
+def test_a_server_with_many_instances_is_given_time_to_stop_gracefully() -> None:
+    """Triton finalizes a model's Python instances one by one (~1.2 s each here), so ten take longer than the
+    base 10 s: the stop waits for them (every model's ``finalize`` runs) instead of SIGKILLing the server."""
+
+    async def scenario() -> int | None:
+        server = TritonServer(REPOSITORY)
+        await server.start()
+        process = server._process
+        try:
+            await _load_encoder(server, 10)
+        finally:
+            await server.stop()
+        return process.returncode
+
+    assert asyncio.run(scenario()) == 0  # exited by itself, not -9
+
+
 def test_temporary_directories_of_gone_owners_are_swept_others_never(tmp_path: Path, monkeypatch) -> None:
     """A SIGKILLed worker leaves its server's directory (backend copy, log); the next Triton start removes the
     directories whose owner pid is dead, never one whose owner lives or whose name carries no owner."""
