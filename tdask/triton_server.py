@@ -148,7 +148,10 @@ def _sweep_orphaned_regions() -> None:
             owner = region.name[len(prefix):].split("_", 1)[0]
             if owner.isdigit() and not _pid_alive(int(owner)):
                 logger.info("removing %s: the process that owned it (pid %s) is gone", region, owner)
-                region.unlink(missing_ok=True)
+                try:
+                    region.unlink(missing_ok=True)
+                except OSError as e:  # another user's, in a sticky /dev/shm: theirs to remove
+                    logger.debug("cannot remove %s: %s", region, e)
 
 
 def _sweep_orphaned_tmpdirs() -> None:
