@@ -183,8 +183,8 @@ def _sweep_orphaned_stubs() -> None:
 def sweep_orphans() -> None:
     """Remove what dead tdask processes on this host left: stubs, /dev/shm regions, temporary directories.
 
-    Run where tdask starts something (a Triton server, a worker's service), since a SIGKILLed worker runs
-    no code to clean up after itself."""
+    Run where tdask starts something (a replica, a Triton server), since a SIGKILLed worker runs no code to
+    clean up after itself."""
     _sweep_orphaned_stubs()
     _sweep_orphaned_regions()
     _sweep_orphaned_tmpdirs()

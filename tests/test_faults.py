@@ -106,7 +106,7 @@ def test_worker_loss_requests_are_answered_or_explicit_and_replica_is_placed_aga
     assert len(answered) == 2, f"both encoder replicas serve again: {answered}"
     assert not psutil.pid_exists(triton_pid) or psutil.Process(triton_pid).status() == psutil.STATUS_ZOMBIE, \
         "the dead worker's Triton server must not outlive it"
-    # its temporary directory (backend copy, log) is removed by the Triton start that placed the replica again
+    # its temporary directory (backend copy, log) is removed when the replica is placed again on the host
     assert os.path.basename(triton_dir).startswith(f"tdask-triton-{worker_pid}-"), triton_dir
     assert not os.path.exists(triton_dir), "the dead worker's Triton directory must not stay behind"
 

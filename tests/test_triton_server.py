@@ -636,8 +636,8 @@ def test_a_server_with_many_instances_is_given_time_to_stop_gracefully() -> None
 
 
 def test_temporary_directories_of_gone_owners_are_swept_others_never(tmp_path: Path, monkeypatch) -> None:
-    """A SIGKILLed worker leaves its server's directory (backend copy, log); the next Triton start removes the
-    directories whose owner pid is dead, never one whose owner lives or whose name carries no owner."""
+    """A SIGKILLed worker leaves its server's directory (backend copy, log); the next replica or Triton start
+    removes the directories whose owner pid is dead, never one whose owner lives or whose name has no owner."""
     from tdask.triton_server import _sweep_orphaned_tmpdirs
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
