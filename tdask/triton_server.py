@@ -76,20 +76,6 @@ def _orphan_guard() -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--"]
 
 
-def _kill_stubs(server_pid: int) -> None:
-    """SIGKILL what is left of a stopped server's process group: its Python backend stubs.
-
-    The server leads its own session, and its stubs are in its group. Triton stops them when it shuts
-    down, but a server that was SIGKILLed (a crash, the OOM killer) leaves them orphaned: some then
-    wait for it forever, ignoring SIGTERM (seen after the crash tests and the chaos benchmark). Called
-    once the server is reaped, while the group can only be this server's.
-    """
-    try:
-        os.killpg(server_pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # nothing left
-
-
 def _tail(path: Path | None, lines: int = _LOG_TAIL_LINES) -> str:
     if path is None:
         return ""
@@ -141,13 +127,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _owner_gone(name: str, prefix: str, separator: str) -> bool:
+    """Whether ``name`` (``prefix`` + owner pid + ``separator`` + ...) names an owner that is dead; a name
+    without an owner pid is not ours to judge."""
+    owner = name[len(prefix):].split(separator, 1)[0]
+    return owner.isdigit() and not _pid_alive(int(owner))
+
+
 def _sweep_orphaned_regions() -> None:
     """Remove tdask's /dev/shm regions whose owning process is gone (a SIGKILLed worker cannot remove its own)."""
     for prefix in (_SHM_PREFIX, POOL_SHM_PREFIX):
         for region in SHM_DIR.glob(f"{prefix}*"):
-            owner = region.name[len(prefix):].split("_", 1)[0]
-            if owner.isdigit() and not _pid_alive(int(owner)):
-                logger.info("removing %s: the process that owned it (pid %s) is gone", region, owner)
+            if _owner_gone(region.name, prefix, "_"):
+                logger.info("removing %s: the process that owned it is gone", region)
                 try:
                     region.unlink(missing_ok=True)
                 except OSError as e:  # another user's, in a sticky /dev/shm: theirs to remove
@@ -156,12 +148,10 @@ def _sweep_orphaned_regions() -> None:
 
 def _sweep_orphaned_tmpdirs() -> None:
     """Remove the temporary directories (backend copy, log: ~1.4 MB) of servers whose owning process is gone:
-    a SIGKILLed worker cannot remove its own. Directories without an owner pid in their name are not ours
-    to judge."""
+    a SIGKILLed worker cannot remove its own."""
     for path in Path(tempfile.gettempdir()).glob(f"{_TMPDIR_PREFIX}*-*"):
-        owner = path.name[len(_TMPDIR_PREFIX):].split("-", 1)[0]
-        if owner.isdigit() and not _pid_alive(int(owner)) and path.is_dir():
-            logger.info("removing %s: the process that owned it (pid %s) is gone", path, owner)
+        if _owner_gone(path.name, _TMPDIR_PREFIX, "-") and path.is_dir():
+            logger.info("removing %s: the process that owned it is gone", path)
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -300,7 +290,7 @@ class TritonServer:
             raise TritonServerError("this TritonServer was already started")
         if not self.model_repository.is_dir():
             raise TritonServerError(f"model repository not found: {self.model_repository}")
-        sweep_orphans()
+        await asyncio.to_thread(sweep_orphans)  # walks the process table: not on the event loop
         self._tmpdir = Path(tempfile.mkdtemp(prefix=f"{_TMPDIR_PREFIX}{os.getpid()}-"))
         try:
             await self._spawn()
@@ -428,10 +418,19 @@ class TritonServer:
         self._cleanup_files()
 
     def _kill_leftover_stubs(self) -> None:
-        """Once the server is reaped: the first call only (a process group's number may be reused later)."""
+        """SIGKILL what is left of the reaped server's process group: its Python backend stubs.
+
+        The server leads its own session, and its stubs are in its group. Triton stops them when it shuts
+        down, but a server that was SIGKILLed (a crash, the OOM killer) leaves them orphaned: some then
+        wait for it forever, ignoring SIGTERM (seen after the crash tests and the chaos benchmark). The
+        first call only, while the group can only be this server's (its number may be reused later).
+        """
         if self._process is not None and not self._stubs_killed:
             self._stubs_killed = True
-            _kill_stubs(self._process.pid)
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass  # nothing left
 
     def _cleanup_files(self) -> None:
         for region in SHM_DIR.glob(f"{self.shm_prefix}*"):  # left by stubs that died with the server

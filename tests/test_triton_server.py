@@ -544,16 +544,22 @@ def test_a_large_output_of_unknown_size_never_makes_a_model_run_twice_unasked() 
                                        ("in message", 2)]
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and was reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def test_shared_memory_regions_of_a_dead_process_are_removed() -> None:
     """The stubs' /dev/shm regions carry their server's prefix. Stopping a server removes any it left, and
     starting one removes those of servers and tensor pools whose owning process died (a SIGKILLed worker)
     but keeps live ones."""
     shm = Path("/dev/shm")
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    orphan = shm / f"tdask_triton_{dead.pid}_0_stale"
+    dead_pid = _dead_pid()
+    orphan = shm / f"tdask_triton_{dead_pid}_0_stale"
     alive = shm / f"tdask_triton_{os.getpid()}_0_in_use"
-    orphan_pool = shm / f"tdask_pool_{dead.pid}_0_1"  # a dead worker's tensor region
+    orphan_pool = shm / f"tdask_pool_{dead_pid}_0_1"  # a dead worker's tensor region
     alive_pool = shm / f"tdask_pool_{os.getpid()}_0_1"
     for path in (orphan, alive, orphan_pool, alive_pool):
         path.write_bytes(b"x")
@@ -640,10 +646,9 @@ def test_temporary_directories_of_gone_owners_are_swept_others_never(tmp_path: P
     removes the directories whose owner pid is dead, never one whose owner lives or whose name has no owner."""
     from tdask.triton_server import _sweep_orphaned_tmpdirs
 
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
+    gone_pid = _dead_pid()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    orphan = tmp_path / f"tdask-triton-{gone.pid}-abc"
+    orphan = tmp_path / f"tdask-triton-{gone_pid}-abc"
     alive = tmp_path / f"tdask-triton-{os.getpid()}-def"
     unnamed = tmp_path / "tdask-triton-ghi"  # no owner in the name (made before owners were named)
     for path in (orphan, alive, unnamed):
@@ -658,21 +663,20 @@ def test_orphaned_stubs_of_tdask_servers_are_swept_others_never(tmp_path: Path) 
     stub's argv (argv[2]: the stub's shared-memory region, argv[5]: its server's pid)."""
     from tdask.triton_server import _sweep_orphaned_stubs
 
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
+    gone_pid = _dead_pid()
     stub = str(tmp_path / "triton_python_backend_stub")
 
     def stand_in(region: str, server_pid: int) -> subprocess.Popen:
         code = f"{region}=0;import time;time.sleep(60)"  # argv: stub, -c, code (= region...), x, x, pid
         return subprocess.Popen(["bash", "-c", f'exec -a {stub} "$0" -c "$1" x x {server_pid}', sys.executable, code])
 
-    orphan = stand_in("tdask_triton_1_a", gone.pid)
+    orphan = stand_in("tdask_triton_1_a", gone_pid)
     served = stand_in("tdask_triton_2_b", os.getpid())  # its server is alive
-    foreign = stand_in("other_prefix_c", gone.pid)  # not a tdask server's stub
+    foreign = stand_in("other_prefix_c", gone_pid)  # not a tdask server's stub
     procs = [orphan, served, foreign]
     try:
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(_stubs_of(gone.pid)) + len(_stubs_of(os.getpid())) < 3:
+        while time.monotonic() < deadline and len(_stubs_of(gone_pid)) + len(_stubs_of(os.getpid())) < 3:
             time.sleep(0.05)
         _sweep_orphaned_stubs()
         orphan.wait(timeout=10)
