@@ -12,6 +12,12 @@ received straight into their own buffer and sent from the sender's memory: no te
 A worker can say where a large frame lands (``landing``), on its listener and on the streams it opens to
 other workers: into a shared-memory region of its Triton server, so that a tensor a caller sends, or one
 fetched from the worker that produced it, is Triton's input where it lies.
+
+Between processes that share ``/dev/shm`` (both ends say so in a *hello* when the stream opens), a large
+frame that lies in a tdask shared-memory region of the sender is *lent* (:mod:`tdask.shm_frames`): its
+length word carries ``_LENT`` and the wire carries the region's name, offset and size; the receiver copies
+it from there and acknowledges it in an *ack*, and the sender holds the frame until then. Hello and ack
+are control messages: a count word with ``_CONTROL`` set, a payload length, the payload.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from distributed.protocol import dumps, loads
 from distributed.protocol.utils import host_array
 from distributed.utils import ensure_memoryview
 
-from tdask import config
+from tdask import config, shm_frames
 from tdask.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -37,8 +43,13 @@ logger = logging.getLogger(__name__)
 Landing = Callable[[int], Awaitable["memoryview | None"]]  # room for a large frame of this many bytes, or None
 
 _U64 = struct.Struct("<Q")
+_LOAN = struct.Struct("<QQQ")  # a lent frame: token, offset, size; then the region's name
 _SMALL = 64 * 1024  # frames up to this size are read through one reused buffer; larger ones into their own
 _MAX_FRAMES = 1 << 20
+_CONTROL = 1 << 63  # in a count word: a control message (its kind in the low bits), not a Dask message
+_HELLO, _ACK = 1, 2
+_LENT = 1 << 63  # in a frame's length word: the frame is lent (the wire holds where it lies, not its bytes)
+_MAX_CONTROL = _SMALL  # control payloads are read through the reused buffer
 
 
 def socket_stream_wanted(address: str) -> bool:
@@ -64,6 +75,13 @@ class SocketComm:
         self._closed = False
         self._busy = 0  # reads and writes in progress
         self._landing = landing  # where a large frame is received, when not into a buffer of its own
+        self._writing = asyncio.Lock()  # the stream's writer and this comm's own acks take turns
+        self.peer_shares_memory = False  # the peer said hello with our host identity: frames may be lent
+        self._lent: dict[int, tuple[memoryview, shm_frames.Lendable]] = {}  # token -> frame held until acked
+        self._tokens = 0
+        self._acks: list[int] = []
+        self._acking: asyncio.Task | None = None
+        self._borrowed_from: set[str] = set()  # the peer's regions mapped here
         set_tcp_timeout(self)  # a silent peer is dropped as on Dask's comms (distributed.comm.timeouts.tcp)
 
     def __repr__(self) -> str:
@@ -84,6 +102,12 @@ class SocketComm:
                 self.socket.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        lent, self._lent = self._lent, {}
+        for _, region in lent.values():  # unacknowledged: the peer may read them yet, so never reuse them
+            region.retire()
+        if self._borrowed_from:  # the peer may be gone: the memory of its regions is not held here past that
+            shm_frames.mappings.discard(self._borrowed_from)
+            self._borrowed_from = set()
         self._release()
 
     def _release(self) -> None:
@@ -182,36 +206,123 @@ class SocketComm:
             await self._recv(frame[held:], n - held)
         return frame
 
+    def _malformed(self, what: str) -> CommClosedError:
+        self.abort()  # the stream cannot be trusted past a message it cannot read
+        return CommClosedError(f"malformed message from {self.peer_address}: {what}")
+
     async def read(self, deserializers: Any = None) -> Any:
-        (count,) = _U64.unpack(await self._buffered(8))
+        while True:
+            (count,) = _U64.unpack(await self._buffered(8))
+            if not count & _CONTROL:
+                break
+            await self._control(count & ~_CONTROL)
         if count > _MAX_FRAMES:
-            self.abort()
-            raise CommClosedError(f"malformed message from {self.peer_address} ({count} frames)")
+            raise self._malformed(f"{count} frames")
         lengths = struct.unpack(f"<{count}Q", await self._exactly(8 * count)) if count else ()
-        frames = [await self._exactly(n) for n in lengths]
+        frames = []
+        for n in lengths:
+            frames.append(await (self._borrowed(n & ~_LENT) if n & _LENT else self._exactly(n)))
         try:
             return loads(frames, deserialize=True, deserializers=deserializers)
-        except Exception as e:  # the stream cannot be trusted past a message it cannot read
-            self.abort()
-            raise CommClosedError(f"malformed message from {self.peer_address}: {e!r}") from e
+        except Exception as e:
+            raise self._malformed(repr(e)) from e
 
-    # -- writing (one write at a time: CoalescingWriter and the callers ensure it) ---------------------
+    async def _control(self, kind: int) -> None:
+        (size,) = _U64.unpack(await self._buffered(8))
+        if size > _MAX_CONTROL:
+            raise self._malformed(f"a {size}-byte control message")
+        payload = bytes(await self._exactly(size))
+        if kind == _HELLO:
+            identity = shm_frames.host_identity()
+            self.peer_shares_memory = bool(identity) and payload == identity and _lending_wanted()
+        elif kind == _ACK and size % 8 == 0:
+            for token in struct.unpack(f"<{size // 8}Q", payload):
+                self._lent.pop(token, None)
+        else:
+            raise self._malformed(f"control message {kind} of {size} bytes")
+
+    async def _borrowed(self, n: int) -> memoryview:
+        """A frame the peer lent: copied out of its region (into where large frames land), then acknowledged."""
+        if not self.peer_shares_memory or not _LOAN.size < n <= _LOAN.size + 255:
+            raise self._malformed("a lent frame on a stream that shares no memory" if not self.peer_shares_memory
+                                  else f"a {n}-byte loan")
+        loan = bytes(await self._exactly(n))
+        token, offset, nbytes = _LOAN.unpack_from(loan)
+        try:
+            name = loan[_LOAN.size:].decode()
+            if offset + nbytes > shm_frames.mappings.size(name):  # checked before room is made for it
+                raise ValueError(f"{nbytes} bytes at {offset} lie beyond the region {name!r}")
+            frame = await self._landing(nbytes) if self._landing is not None else None
+            if frame is None:
+                frame = memoryview(host_array(nbytes))
+            shm_frames.mappings.copy(name, offset, nbytes, frame)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise self._malformed(f"its lent frame cannot be read ({e})") from e
+        self._borrowed_from.add(name)
+        shm_frames.counts["borrowed"] += 1
+        self._acks.append(token)
+        if self._acking is None:
+            self._acking = asyncio.ensure_future(self._send_acks())
+        return frame
+
+    async def _send_acks(self) -> None:
+        try:
+            async with self._writing:
+                while self._acks and not self._closed:
+                    tokens, self._acks = self._acks[:_MAX_CONTROL // 8], self._acks[_MAX_CONTROL // 8:]
+                    await self._send(_U64.pack(_CONTROL | _ACK) + _U64.pack(8 * len(tokens))
+                                     + struct.pack(f"<{len(tokens)}Q", *tokens))
+        except CommClosedError:
+            pass
+        finally:
+            self._acking = None
+
+    async def hello(self) -> None:
+        """Tell the peer this process's host identity: it lends frames to us only if it shares it."""
+        if _lending_wanted():
+            identity = shm_frames.host_identity()
+            async with self._writing:
+                await self._send(_U64.pack(_CONTROL | _HELLO) + _U64.pack(len(identity)) + identity)
+
+    def _lend(self, view: memoryview) -> bytes | None:
+        found = shm_frames.find(view)
+        if found is None:
+            return None
+        region, offset = found
+        self._tokens += 1
+        self._lent[self._tokens] = (view, region)
+        shm_frames.counts["lent"] += 1
+        return _LOAN.pack(self._tokens, offset, view.nbytes) + region.name.encode()
+
+    # -- writing (one message at a time: this comm's lock lets its acks in between the stream writer's) ----
     async def write(self, msg: Any, serializers: Any = None, on_error: str = "message") -> int:
         if self._closed:
             raise CommClosedError(f"{self!r}")
         frames = dumps(msg, serializers=serializers, on_error=on_error,
                        context={"sender": "tdask", "recipient": self.peer_address})
-        views = [ensure_memoryview(f) for f in frames]
-        head = _U64.pack(len(views)) + struct.pack(f"<{len(views)}Q", *(v.nbytes for v in views))
-        total = sum(v.nbytes for v in views)
-        if total <= _SMALL:
-            await self._send(b"".join([head, *views]))
-        else:
-            await self._send(head)
-            for view in views:
-                if view.nbytes:
-                    await self._send(view)
+        views: list[bytes | memoryview] = [ensure_memoryview(f) for f in frames]
+        lengths = [v.nbytes for v in views]
+        if self.peer_shares_memory:
+            for i, view in enumerate(views):
+                loan = self._lend(view) if view.nbytes > _SMALL else None
+                if loan is not None:
+                    views[i], lengths[i] = loan, len(loan) | _LENT
+        head = _U64.pack(len(views)) + struct.pack(f"<{len(views)}Q", *lengths)
+        sizes = [len(v) if isinstance(v, bytes) else v.nbytes for v in views]
+        total = sum(sizes)
+        async with self._writing:
+            if total <= _SMALL:
+                await self._send(b"".join([head, *views]))
+            else:
+                await self._send(head)
+                for view, size in zip(views, sizes, strict=True):
+                    if size:
+                        await self._send(view)
         return total + len(head)
+
+
+def _lending_wanted() -> bool:
+    return bool(config.lookup("transfer", "shared-memory-frames"))
 
 
 async def connect_socket(host: str, port: int, timeout: float, landing: Landing | None = None) -> SocketComm:
@@ -224,7 +335,13 @@ async def connect_socket(host: str, port: int, timeout: float, landing: Landing 
     except BaseException:
         sock.close()
         raise
-    return SocketComm(sock, f"tcp://{host}:{port}", landing)
+    comm = SocketComm(sock, f"tcp://{host}:{port}", landing)
+    try:
+        await comm.hello()
+    except BaseException:
+        comm.abort()
+        raise
+    return comm
 
 
 class SocketListener:
@@ -254,9 +371,16 @@ class SocketListener:
                 await asyncio.sleep(0.1)
                 continue
             comm = SocketComm(conn, f"tcp://{peer[0]}:{peer[1]}", self.landing)
-            task = asyncio.ensure_future(self.handler(comm))
+            task = asyncio.ensure_future(self._serve(comm))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
+
+    async def _serve(self, comm: SocketComm) -> None:
+        try:
+            await comm.hello()
+        except CommClosedError:
+            return
+        await self.handler(comm)
 
     def close(self) -> None:
         self._task.cancel()

@@ -40,7 +40,7 @@ from tritonclient.utils import (
     np_to_triton_dtype,
 )
 
-from tdask import config
+from tdask import config, shm_frames
 from tdask.errors import InvalidRequestError, TritonError
 from tdask.triton_http import InputRegion, OutputRegion, TritonHttp, triton_error
 from tdask.triton_server import POOL_SHM_PREFIX, SHM_DIR
@@ -83,6 +83,7 @@ class _Region:
         del probe  # no buffer export may outlive this: it would keep the mapping from closing
         self.leased = False
         self.reusable = True
+        shm_frames.register(self)  # a request stream may lend outputs that lie here to a peer on this host
 
     def view(self, dtype: Any, shape: list[int], offset: int) -> np.ndarray:
         return np.ndarray(shape, dtype, buffer=self.buf, offset=offset)
@@ -102,7 +103,12 @@ class _Region:
             return start
         return None
 
+    def retire(self) -> None:
+        """Dropped, not reused, once its last view is gone (a peer may still read what was lent from it)."""
+        self.reusable = False
+
     def unlink(self) -> None:
+        shm_frames.unregister(self)
         if self.shm is not None:
             try:
                 self.shm.unlink()
@@ -110,6 +116,7 @@ class _Region:
                 pass
 
     def destroy(self) -> None:
+        shm_frames.unregister(self)
         shm, self.shm, self.buf = self.shm, None, None
         if shm is None:
             return

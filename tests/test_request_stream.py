@@ -246,3 +246,156 @@ def test_an_answer_the_caller_dropped_is_not_held_by_its_stream(loop, client, he
             return answer() is None
 
     assert loop.run(run())
+
+
+# -- large frames lent through shared memory (tdask.shm_frames) -----------------------------------
+def _region(size: int = 2 << 20):
+    import os
+    import uuid
+
+    from tdask.triton_client import _Region
+    from tdask.triton_server import POOL_SHM_PREFIX
+
+    return _Region(f"{POOL_SHM_PREFIX}{os.getpid()}_test{uuid.uuid4().hex[:8]}", size)
+
+
+async def _pair(listener, accepted) -> tuple[SocketComm, SocketComm]:
+    """Both ends of one stream, each having read the other's hello (it precedes the first message)."""
+    client = await connect_socket("127.0.0.1", listener.port, 5)
+    server = await asyncio.wait_for(accepted.get(), 10)
+    await client.write({"op": "hi"})
+    assert await asyncio.wait_for(server.read(), 10) == {"op": "hi"}
+    await server.write({"op": "hi"})
+    assert await asyncio.wait_for(client.read(), 10) == {"op": "hi"}
+    return client, server
+
+
+def test_a_tensor_in_a_shared_memory_region_is_lent_not_sent_and_held_until_acknowledged() -> None:
+    from tdask import shm_frames
+
+    async def scenario() -> None:
+        region = _region()
+        async with _listening() as (listener, accepted):
+            client, server = await _pair(listener, accepted)
+            try:
+                assert client.peer_shares_memory and server.peer_shares_memory
+                x = region.view(np.int64, [200_000], 64)
+                x[:] = np.arange(200_000)
+                plain = np.arange(200_000, dtype=np.int64) * 3
+                before = dict(shm_frames.counts)
+                wire = await server.write({"x": to_serialize(x), "plain": to_serialize(plain)})
+                assert wire < plain.nbytes + 1024  # x's 1.6 MB did not go through the socket; plain's did
+                assert server._lent  # held until the peer says it has read it
+                got = await asyncio.wait_for(client.read(), 10)
+                x[:] = -1  # the receiver has its own copy: the sender may reuse the region
+                np.testing.assert_array_equal(got["x"], np.arange(200_000))
+                np.testing.assert_array_equal(got["plain"], plain)
+                assert shm_frames.counts["lent"] - before["lent"] == 1
+                assert shm_frames.counts["borrowed"] - before["borrowed"] == 1
+                reading = asyncio.ensure_future(server.read())  # the ack arrives on the server's reads
+                for _ in range(100):
+                    if not server._lent:
+                        break
+                    await asyncio.sleep(0.05)
+                assert not server._lent and region.reusable
+                reading.cancel()
+            finally:
+                client.abort()
+                server.abort()
+        region.destroy()
+
+    asyncio.run(scenario())
+
+
+def test_a_loan_the_peer_never_acknowledged_retires_its_region_when_the_stream_ends() -> None:
+    async def scenario() -> None:
+        region = _region()
+        async with _listening() as (listener, accepted):
+            client, server = await _pair(listener, accepted)
+            await server.write({"x": to_serialize(region.view(np.int64, [100_000], 0))})
+            assert server._lent and region.reusable
+            server.abort()  # the client never read it: it may still, so the region must never be reused
+            assert not server._lent and not region.reusable
+            client.abort()
+        region.destroy()
+
+    asyncio.run(scenario())
+
+
+def test_nothing_is_lent_to_a_peer_on_another_host_or_when_turned_off() -> None:
+    from tdask.socket_comm import _CONTROL, _HELLO, _U64
+
+    async def sent_bytes(fake_identity: bytes | None) -> int:
+        region = _region()
+        async with _listening() as (listener, accepted):
+            client = await connect_socket("127.0.0.1", listener.port, 5)
+            server = await asyncio.wait_for(accepted.get(), 10)
+            if fake_identity is not None:  # a later hello from "elsewhere" overrides the real one
+                await client._send(_U64.pack(_CONTROL | _HELLO) + _U64.pack(len(fake_identity)) + fake_identity)
+            await client.write({"op": "hi"})
+            await asyncio.wait_for(server.read(), 10)
+            x = region.view(np.int64, [100_000], 0)
+            x[:] = 7
+            reading = asyncio.ensure_future(client.read())
+            wire = await server.write({"x": to_serialize(x)})
+            np.testing.assert_array_equal((await asyncio.wait_for(reading, 10))["x"], np.full(100_000, 7))
+            assert not server._lent
+            client.abort()
+            server.abort()
+        region.destroy()
+        return wire
+
+    assert asyncio.run(sent_bytes(b"boot|namespace|elsewhere")) > 800_000
+    with dask.config.set({"tdask.transfer.shared-memory-frames": False}):
+        assert asyncio.run(sent_bytes(None)) > 800_000
+
+
+def test_a_loan_that_names_anything_but_a_tdask_region_ends_the_stream() -> None:
+    from tdask.socket_comm import _LENT, _LOAN, _U64
+
+    async def scenario(name: bytes) -> str:
+        async with _listening() as (listener, accepted):
+            client, server = await _pair(listener, accepted)
+            loan = _LOAN.pack(1, 0, 100) + name
+            await client._send(_U64.pack(1) + _U64.pack(len(loan) | _LENT) + loan)
+            with pytest.raises(CommClosedError, match="malformed") as info:
+                await asyncio.wait_for(server.read(), 10)
+            client.abort()
+            return str(info.value)
+
+    assert "not a tdask region" in asyncio.run(scenario(b"../../etc/passwd"))
+    assert "not a tdask region" in asyncio.run(scenario(b"tdask_pool_1/../../etc/passwd"))
+    assert "cannot be read" in asyncio.run(scenario(b"tdask_pool_0_none_such"))
+
+
+def test_large_tensors_leave_a_worker_through_shared_memory_and_every_loan_is_read(loop, client, hello_world):
+    """8 MB-class outputs of Triton (in a worker's pool region) cross to the next worker and to the caller
+    as loans: each one lent is borrowed at the other end, and the pipeline still returns its input."""
+    import tdask
+    from tdask import shm_frames
+
+    def counts(dask_worker=None) -> dict[str, int]:
+        from tdask import shm_frames
+
+        return dict(shm_frames.counts)
+
+    async def totals() -> tuple[int, int]:
+        per_worker = await client.run(counts)
+        lent = sum(c["lent"] for c in per_worker.values()) + shm_frames.counts["lent"]
+        borrowed = sum(c["borrowed"] for c in per_worker.values()) + shm_frames.counts["borrowed"]
+        return lent, borrowed
+
+    async def run() -> tuple[int, int]:
+        before = await totals()
+        async with await tdask.connect(client) as session:
+            op = await session.operator("encoder_decoder")
+            for i in range(6):  # the first call of each model sizes its output region: outputs in the message
+                x = np.arange(200_000, dtype=np.int64) + i
+                result = await op.infer({"input": x})
+                np.testing.assert_array_equal(result["output"], x)
+        await asyncio.sleep(0.5)  # the last acknowledgements
+        after = await totals()
+        return after[0] - before[0], after[1] - before[1]
+
+    lent, borrowed = loop.run(run())
+    assert lent >= 5 and borrowed == lent, (lent, borrowed)
