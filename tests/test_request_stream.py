@@ -307,6 +307,38 @@ def test_a_tensor_in_a_shared_memory_region_is_lent_not_sent_and_held_until_ackn
     asyncio.run(scenario())
 
 
+def test_a_receiver_unmaps_a_peers_regions_when_the_stream_ends_or_the_peer_removes_them() -> None:
+    """Mappings of a peer's regions hold that memory: they go with the stream, or once the file is gone."""
+    from tdask import shm_frames
+
+    async def borrow(region, client: SocketComm, server: SocketComm) -> None:
+        reading = asyncio.ensure_future(client.read())
+        await server.write({"x": to_serialize(region.view(np.int64, [100_000], 0))})
+        await asyncio.wait_for(reading, 10)
+
+    async def scenario() -> None:
+        first, second = _region(), _region()
+        async with _listening() as (listener, accepted):
+            client, server = await _pair(listener, accepted)
+            await borrow(first, client, server)
+            assert first.name in shm_frames.mappings._maps
+            client.abort()  # the stream ends: what it borrowed is unmapped here
+            server.abort()
+            assert first.name not in shm_frames.mappings._maps
+
+            client, server = await _pair(listener, accepted)
+            await borrow(second, client, server)
+            assert second.name in shm_frames.mappings._maps
+            second.destroy()  # its owner removed it while the stream lives on
+            shm_frames.mappings.forget_removed()
+            assert second.name not in shm_frames.mappings._maps
+            client.abort()
+            server.abort()
+        first.destroy()
+
+    asyncio.run(scenario())
+
+
 def test_a_loan_the_peer_never_acknowledged_retires_its_region_when_the_stream_ends() -> None:
     async def scenario() -> None:
         region = _region()
