@@ -31,34 +31,35 @@ class Lendable(Protocol):
     """A shared-memory region of this process that frames may be lent from."""
 
     name: str
-    address: int
-    size: int
+
+    def holds(self, array: np.ndarray) -> int | None:
+        """The offset of ``array``'s data in the region, if it lies wholly inside it."""
 
     def retire(self) -> None:
         """Never reuse the region: a peer may still read it (its stream broke before it acknowledged)."""
 
 
-_regions: dict[int, Lendable] = {}  # by start address
+_regions: set[Lendable] = set()
 counts = {"lent": 0, "borrowed": 0}  # frames this process lent to and borrowed from peers
 
 
 def register(region: Lendable) -> None:
-    _regions[region.address] = region
+    _regions.add(region)
 
 
 def unregister(region: Lendable) -> None:
-    if _regions.get(region.address) is region:
-        del _regions[region.address]
+    _regions.discard(region)
 
 
 def find(view: memoryview) -> tuple[Lendable, int] | None:
     """The registered region that holds all of ``view``, and the offset there."""
     if not _regions or not view.c_contiguous:
         return None
-    start = np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
-    for address, region in _regions.items():
-        if address <= start and start + view.nbytes <= address + region.size:
-            return region, start - address
+    array = np.frombuffer(view, dtype=np.uint8)
+    for region in _regions:
+        offset = region.holds(array)
+        if offset is not None:
+            return region, offset
     return None
 
 
