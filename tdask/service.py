@@ -15,6 +15,7 @@ from distributed.protocol import to_serialize
 from tdask import config
 from tdask.connection import error_from_wire
 from tdask.errors import InvalidRequestError, PlacementError, ReplicaUnavailableError, TdaskError
+from tdask.shm_regions import frame_pool
 from tdask.socket_comm import SocketListener, socket_stream_wanted
 from tdask.store import OutputStore
 from tdask.tensors import TensorRef, from_wire, inline_threshold, is_array, nbytes, to_wire
@@ -210,9 +211,10 @@ class WorkerService:
     async def landing(self, nbytes: int) -> memoryview | None:
         """Where a large frame of a request stream is received: a region of this worker's Triton server,
         when it has exactly one (a caller's 8 MB tensor, or one fetched from another worker, is then the
-        model's input where it lies)."""
+        model's input where it lies); else a region of the frame pool, from where it can be lent on to
+        the next worker or back to the caller."""
         if len(self._triton_clients) != 1:
-            return None
+            return frame_pool().lease(nbytes) if config.lookup("transfer", "shared-memory-frames") else None
         (client,) = self._triton_clients.values()
         try:
             return await client.landing(nbytes)

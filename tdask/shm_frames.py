@@ -40,7 +40,8 @@ class Lendable(Protocol):
 
 
 _regions: set[Lendable] = set()
-counts = {"lent": 0, "borrowed": 0}  # frames this process lent to and borrowed from peers
+# large frames lent to and borrowed from peers, lent after a copy into the frame pool, sent through the socket
+counts = {"lent": 0, "borrowed": 0, "staged": 0, "sent": 0}
 
 
 def register(region: Lendable) -> None:
@@ -56,7 +57,7 @@ def find(view: memoryview) -> tuple[Lendable, int] | None:
     if not _regions or not view.c_contiguous:
         return None
     array = np.frombuffer(view, dtype=np.uint8)
-    for region in _regions:
+    for region in tuple(_regions):  # a copy: regions of the frame pool come and go in any thread
         offset = region.holds(array)
         if offset is not None:
             return region, offset

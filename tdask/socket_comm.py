@@ -13,11 +13,14 @@ A worker can say where a large frame lands (``landing``), on its listener and on
 other workers: into a shared-memory region of its Triton server, so that a tensor a caller sends, or one
 fetched from the worker that produced it, is Triton's input where it lies.
 
-Between processes that share ``/dev/shm`` (both ends say so in a *hello* when the stream opens), a large
-frame that lies in a tdask shared-memory region of the sender is *lent* (:mod:`tdask.shm_frames`): its
-length word carries ``_LENT`` and the wire carries the region's name, offset and size; the receiver copies
-it from there and acknowledges it in an *ack*, and the sender holds the frame until then. Hello and ack
-are control messages: a count word with ``_CONTROL`` set, a payload length, the payload.
+Between processes that share ``/dev/shm`` (both ends say so in a *hello* when the stream opens; the
+opening end waits for the listener's), a large frame that lies in a tdask shared-memory region of the
+sender is *lent* (:mod:`tdask.shm_frames`): its length word carries ``_LENT`` and the wire carries the
+region's name, offset and size; the receiver copies it from there and acknowledges it in an *ack*, and the
+sender holds the frame until then. A frame of 1 MiB or more that lies in no region (a caller's tensor) is
+first copied into one of the sender's frame pool (:mod:`tdask.shm_regions`) and lent from there: two
+copies of memory cost less CPU than the socket's path through the kernel. Hello and ack are control
+messages: a count word with ``_CONTROL`` set, a payload length, the payload.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from distributed.utils import ensure_memoryview
 
 from tdask import config, shm_frames
 from tdask.errors import ConfigError
+from tdask.shm_regions import frame_pool
 
 logger = logging.getLogger(__name__)
 
@@ -278,16 +282,32 @@ class SocketComm:
             self._acking = None
 
     async def hello(self) -> None:
-        """Tell the peer this process's host identity: it lends frames to us only if it shares it."""
-        if _lending_wanted():
-            identity = shm_frames.host_identity()
-            async with self._writing:
-                await self._send(_U64.pack(_CONTROL | _HELLO) + _U64.pack(len(identity)) + identity)
+        """Tell the peer this process's host identity: it lends frames to us only if it shares it (an empty
+        one: lend us nothing)."""
+        identity = shm_frames.host_identity() if _lending_wanted() else b""
+        async with self._writing:
+            await self._send(_U64.pack(_CONTROL | _HELLO) + _U64.pack(len(identity)) + identity)
+
+    async def peer_hello(self) -> None:
+        """Read the listener's hello, which precedes all else it sends: whether frames may be lent to it is
+        then known from the first message on (else the first ones would all go through the socket)."""
+        (count,) = _U64.unpack(await self._buffered(8))
+        if count != _CONTROL | _HELLO:
+            raise self._malformed("the stream did not open with a hello")
+        await self._control(_HELLO)
 
     def _lend(self, view: memoryview) -> bytes | None:
         found = shm_frames.find(view)
         if found is None:
-            return None
+            staged = frame_pool().lease(view.nbytes)  # e.g. a caller's tensor: two copies beat the socket's
+            if staged is None:
+                return None
+            staged[:] = view
+            found = shm_frames.find(staged)
+            if found is None:  # the pool is closing (process exit): send the bytes
+                return None
+            view = staged
+            shm_frames.counts["staged"] += 1
         region, offset = found
         self._tokens += 1
         self._lent[self._tokens] = (view, region)
@@ -302,11 +322,13 @@ class SocketComm:
                        context={"sender": "tdask", "recipient": self.peer_address})
         views: list[bytes | memoryview] = [ensure_memoryview(f) for f in frames]
         lengths = [v.nbytes for v in views]
-        if self.peer_shares_memory:
-            for i, view in enumerate(views):
-                loan = self._lend(view) if view.nbytes > _SMALL else None
+        for i, view in enumerate(views):
+            if view.nbytes > _SMALL:
+                loan = self._lend(view) if self.peer_shares_memory else None
                 if loan is not None:
                     views[i], lengths[i] = loan, len(loan) | _LENT
+                else:
+                    shm_frames.counts["sent"] += 1
         head = _U64.pack(len(views)) + struct.pack(f"<{len(views)}Q", *lengths)
         sizes = [len(v) if isinstance(v, bytes) else v.nbytes for v in views]
         total = sum(sizes)
@@ -338,6 +360,7 @@ async def connect_socket(host: str, port: int, timeout: float, landing: Landing 
     comm = SocketComm(sock, f"tcp://{host}:{port}", landing)
     try:
         await comm.hello()
+        await asyncio.wait_for(comm.peer_hello(), timeout)
     except BaseException:
         comm.abort()
         raise

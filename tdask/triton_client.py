@@ -21,16 +21,13 @@ the message) only for idempotent operators; any other gets an explicit error, ne
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import functools
 import logging
 import os
 import shutil
 import threading
 import uuid
-import weakref
 from collections import defaultdict
-from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
@@ -40,15 +37,15 @@ from tritonclient.utils import (
     np_to_triton_dtype,
 )
 
-from tdask import config, shm_frames
+from tdask import config
 from tdask.errors import InvalidRequestError, TritonError
+from tdask.shm_regions import Region, size_class
 from tdask.triton_http import InputRegion, OutputRegion, TritonHttp, triton_error
 from tdask.triton_server import POOL_SHM_PREFIX, SHM_DIR
 
 logger = logging.getLogger(__name__)
 
 _ALIGN = 64
-_MIN_REGION = 1 << 20
 
 
 def _triton_error(model: str, exc: InferenceServerException) -> TritonError:
@@ -64,84 +61,15 @@ def _view(lease: Any, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> n
     return np.frombuffer(lease, dtype, int(np.prod(shape, dtype=np.int64)), offset).reshape(shape)
 
 
-class _Region:
-    """One system shared-memory region, created here and registered with the server once.
-
-    Arrays handed out from it (Triton's outputs) view its memory through a *lease*: the region
-    goes back to its pool only when the last array viewing it is gone, so outputs cost no copy
-    and can be passed as the next model's input in place.
-    """
-
-    def __init__(self, name: str, size: int) -> None:
-        self.name = name
-        self.key = f"/{name}"
-        self.size = size
-        self.shm: shared_memory.SharedMemory | None = shared_memory.SharedMemory(name, create=True, size=size)
-        self.buf = self.shm.buf
-        probe = np.frombuffer(self.buf, dtype=np.uint8, count=1)
-        self.address = probe.__array_interface__["data"][0]
-        del probe  # no buffer export may outlive this: it would keep the mapping from closing
-        self.leased = False
-        self.reusable = True
-        shm_frames.register(self)  # a request stream may lend outputs that lie here to a peer on this host
-
-    def view(self, dtype: Any, shape: list[int], offset: int) -> np.ndarray:
-        return np.ndarray(shape, dtype, buffer=self.buf, offset=offset)
-
-    def lease(self, pool: _RegionPool) -> Any:
-        """An object whose lifetime is the region's time out of the pool: arrays built on it keep it."""
-        lease = _lease_type(self.size).from_address(self.address)
-        lease.region = self  # the mapping outlives every array that views it
-        self.leased = True
-        weakref.finalize(lease, pool.returned, self).atexit = False
-        return lease
-
-    def holds(self, array: np.ndarray) -> int | None:
-        """The offset of ``array``'s data in this region, if it lies wholly inside it."""
-        start = array.__array_interface__["data"][0] - self.address
-        if 0 <= start and start + array.nbytes <= self.size:
-            return start
-        return None
-
-    def retire(self) -> None:
-        """Dropped, not reused, once its last view is gone (a peer may still read what was lent from it)."""
-        self.reusable = False
-
-    def unlink(self) -> None:
-        shm_frames.unregister(self)
-        if self.shm is not None:
-            try:
-                self.shm.unlink()
-            except FileNotFoundError:
-                pass
-
-    def destroy(self) -> None:
-        shm_frames.unregister(self)
-        shm, self.shm, self.buf = self.shm, None, None
-        if shm is None:
-            return
-        try:
-            shm.close()
-            shm.unlink()
-        except (FileNotFoundError, BufferError, OSError):  # best effort at shutdown
-            logger.debug("destroying shared memory region %s failed", self.name, exc_info=True)
-
-
-@functools.cache
-def _lease_type(size: int) -> type:
-    # a ctypes array subclass: exposes the region's bytes as a buffer and takes weak references
-    return type(f"_Lease{size}", (ctypes.c_char * size,), {})
-
-
 class _RegionPool:
     """Regions by power-of-two size class, reused across requests; at most ``limit`` bytes idle."""
 
     def __init__(self, client: grpcclient.InferenceServerClient, limit: int) -> None:
         self.client = client
         self.limit = limit
-        self.free: dict[int, list[_Region]] = defaultdict(list)
+        self.free: dict[int, list[Region]] = defaultdict(list)
         self.idle_bytes = 0
-        self.all: set[_Region] = set()
+        self.all: set[Region] = set()
         self.prefix = f"{POOL_SHM_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:8]}"  # swept once this process is gone
         self._n = 0
         self.closed = False
@@ -149,8 +77,8 @@ class _RegionPool:
         self._thread = threading.get_ident()
         self._drops: set[asyncio.Task] = set()
 
-    async def acquire(self, nbytes: int) -> _Region:
-        size = max(_MIN_REGION, 1 << (max(nbytes, 1) - 1).bit_length())
+    async def acquire(self, nbytes: int) -> Region:
+        size = size_class(nbytes)
         free = self.free[size]
         if free:
             self.idle_bytes -= size
@@ -162,7 +90,7 @@ class _RegionPool:
                 f"free (give the machine or container a larger /dev/shm, or set "
                 f"tdask.triton.shared-memory-threshold to 0 to send tensors in the messages)")
         self._n += 1
-        region = _Region(f"{self.prefix}_{self._n}", size)
+        region = Region(f"{self.prefix}_{self._n}", size)
         try:
             await self.client.register_system_shared_memory(region.name, region.key, size)
         except BaseException:
@@ -174,7 +102,7 @@ class _RegionPool:
         self.all.add(region)
         return region
 
-    def find(self, array: np.ndarray) -> tuple[_Region, int] | None:
+    def find(self, array: np.ndarray) -> tuple[Region, int] | None:
         """The leased region of this pool (registered with this server) that holds ``array``, if any."""
         if not array.flags.c_contiguous:
             return None
@@ -185,7 +113,7 @@ class _RegionPool:
                     return region, offset
         return None
 
-    def returned(self, region: _Region) -> None:
+    def returned(self, region: Region) -> None:
         """The last array viewing ``region`` is gone (called by its lease's finalizer, in any thread)."""
         if threading.get_ident() == self._thread:
             self._put_back(region)
@@ -195,7 +123,7 @@ class _RegionPool:
         except RuntimeError:  # the loop is closed: nothing will use the region again
             region.destroy()
 
-    def _put_back(self, region: _Region) -> None:
+    def _put_back(self, region: Region) -> None:
         region.leased = False
         if self.closed:
             region.destroy()
@@ -207,7 +135,7 @@ class _RegionPool:
             self._drops.add(task)
             task.add_done_callback(self._drops.discard)
 
-    async def drop(self, region: _Region) -> None:
+    async def drop(self, region: Region) -> None:
         self.all.discard(region)
         try:
             await self.client.unregister_system_shared_memory(region.name)
