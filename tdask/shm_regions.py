@@ -133,7 +133,9 @@ class FramePool:
         self._free: dict[int, list[Region]] = defaultdict(list)
         self._leased: set[Region] = set()
         self._n = 0
-        self._lock = threading.Lock()  # leases end in whatever thread drops the last view
+        # leases end in whatever thread drops the last view; reentrant, as that can be a garbage collection
+        # that runs while this thread holds the lock
+        self._lock = threading.RLock()
         self.closed = False
 
     def lease(self, nbytes: int) -> memoryview | None:
@@ -170,7 +172,11 @@ class FramePool:
         if free < 2 * size:  # tmpfs allocates pages on first touch: leave room for Triton's regions
             logger.info("no shared-memory region for a %d-byte frame: %s has %d bytes free", size, SHM_DIR, free)
             return None
-        return Region(name, size)
+        try:
+            return Region(name, size)
+        except OSError as e:
+            logger.warning("no shared-memory region for a %d-byte frame: %s", size, e)
+            return None
 
     def returned(self, region: Region) -> None:
         with self._lock:
