@@ -18,7 +18,7 @@ opening end waits for the listener's), a large frame that lies in a tdask shared
 sender is *lent* (:mod:`tdask.shm_frames`): its length word carries ``_LENT`` and the wire carries the
 region's name, offset and size; the receiver copies it from there and acknowledges it in an *ack*, and the
 sender holds the frame until then. A frame of 1 MiB or more that lies in no region (a caller's tensor) is
-first copied into one of the sender's frame pool (:mod:`tdask.shm_regions`) and lent from there: two
+first copied into a region of the sender's frame pool (:mod:`tdask.shm_regions`) and lent from there: two
 copies of memory cost less CPU than the socket's path through the kernel. Hello and ack are control
 messages: a count word with ``_CONTROL`` set, a payload length, the payload.
 """
