@@ -12,7 +12,7 @@ from distributed.comm import CommClosedError, get_address_host
 from distributed.core import Status
 from distributed.protocol import to_serialize
 
-from tdask import config
+from tdask import config, shm_frames
 from tdask.connection import error_from_wire
 from tdask.errors import InvalidRequestError, PlacementError, ReplicaUnavailableError, TdaskError
 from tdask.shm_regions import frame_pool
@@ -214,7 +214,7 @@ class WorkerService:
         model's input where it lies); else a region of the frame pool, from where it can be lent on to
         the next worker or back to the caller."""
         if len(self._triton_clients) != 1:
-            return frame_pool().lease(nbytes) if config.lookup("transfer", "shared-memory-frames") else None
+            return frame_pool().lease(nbytes) if shm_frames.wanted() else None
         (client,) = self._triton_clients.values()
         try:
             return await client.landing(nbytes)

@@ -22,6 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
+from tdask import config
 from tdask.triton_server import POOL_SHM_PREFIX, SHM_DIR
 
 _MAPPED_BYTES = 256 << 20  # mappings of peers' regions kept for reuse (mapping one costs page-table work)
@@ -43,6 +44,11 @@ class Lendable(Protocol):
 _regions: set[Lendable] = set()
 # large frames lent to and borrowed from peers, lent after a copy into the frame pool, sent through the socket
 counts = {"lent": 0, "borrowed": 0, "staged": 0, "sent": 0}
+
+
+def wanted() -> bool:
+    """Whether frames are lent at all (``tdask.transfer.shared-memory-frames``)."""
+    return bool(config.lookup("transfer", "shared-memory-frames"))
 
 
 def register(region: Lendable) -> None:

@@ -141,6 +141,17 @@ class FramePool:
     def lease(self, nbytes: int) -> memoryview | None:
         """``nbytes`` of a leased region; None for a frame under 1 MiB (it is cheap on the socket) or when the
         pool has no room for it."""
+        leased = self._lease(nbytes)
+        return None if leased is None else leased[1]
+
+    def copy_in(self, view: memoryview) -> tuple[Region, memoryview] | None:
+        """A copy of ``view`` at the start of a leased region, and that region; None as for :meth:`lease`."""
+        leased = self._lease(view.nbytes)
+        if leased is not None:
+            leased[1][:] = view
+        return leased
+
+    def _lease(self, nbytes: int) -> tuple[Region, memoryview] | None:
         if nbytes < MIN_REGION:
             return None
         size = size_class(nbytes)
@@ -164,7 +175,7 @@ class FramePool:
                 return None
         with self._lock:
             self._leased.add(region)
-        return memoryview(region.lease(self)).cast("B")[:nbytes]
+        return region, memoryview(region.lease(self)).cast("B")[:nbytes]
 
     @staticmethod
     def _create(name: str, size: int) -> Region | None:

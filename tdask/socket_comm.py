@@ -199,10 +199,13 @@ class SocketComm:
     def _exactly(self, n: int) -> Awaitable[bytes | memoryview]:
         return self._buffered(n) if n <= _SMALL else self._large(n)
 
-    async def _large(self, n: int) -> memoryview:
+    async def _room(self, n: int) -> memoryview:
+        """Where a large frame of ``n`` bytes is received: where this comm lands them, else a buffer of its own."""
         frame = await self._landing(n) if self._landing is not None else None
-        if frame is None:
-            frame = memoryview(host_array(n))
+        return memoryview(host_array(n)) if frame is None else frame
+
+    async def _large(self, n: int) -> memoryview:
+        frame = await self._room(n)
         held = min(n, self._end - self._start)
         frame[:held] = self._view[self._start:self._start + held]
         self._start += held
@@ -238,7 +241,7 @@ class SocketComm:
         payload = bytes(await self._exactly(size))
         if kind == _HELLO:
             identity = shm_frames.host_identity()
-            self.peer_shares_memory = bool(identity) and payload == identity and _lending_wanted()
+            self.peer_shares_memory = bool(identity) and payload == identity and shm_frames.wanted()
         elif kind == _ACK and size % 8 == 0:
             for token in struct.unpack(f"<{size // 8}Q", payload):
                 self._lent.pop(token, None)
@@ -256,9 +259,7 @@ class SocketComm:
             name = loan[_LOAN.size:].decode()
             if offset + nbytes > shm_frames.mappings.size(name):  # checked before room is made for it
                 raise ValueError(f"{nbytes} bytes at {offset} lie beyond the region {name!r}")
-            frame = await self._landing(nbytes) if self._landing is not None else None
-            if frame is None:
-                frame = memoryview(host_array(nbytes))
+            frame = await self._room(nbytes)
             shm_frames.mappings.copy(name, offset, nbytes, frame)
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise self._malformed(f"its lent frame cannot be read ({e})") from e
@@ -284,7 +285,7 @@ class SocketComm:
     async def hello(self) -> None:
         """Tell the peer this process's host identity: it lends frames to us only if it shares it (an empty
         one: lend us nothing)."""
-        identity = shm_frames.host_identity() if _lending_wanted() else b""
+        identity = shm_frames.host_identity() if shm_frames.wanted() else b""
         async with self._writing:
             await self._send(_U64.pack(_CONTROL | _HELLO) + _U64.pack(len(identity)) + identity)
 
@@ -299,16 +300,13 @@ class SocketComm:
     def _lend(self, view: memoryview) -> bytes | None:
         found = shm_frames.find(view)
         if found is None:
-            staged = frame_pool().lease(view.nbytes)  # e.g. a caller's tensor: two copies beat the socket's
-            if staged is None:
+            copied = frame_pool().copy_in(view)  # e.g. a caller's tensor: two copies beat the socket's
+            if copied is None:
                 return None
-            staged[:] = view
-            found = shm_frames.find(staged)
-            if found is None:  # the pool is closing (process exit): send the bytes
-                return None
-            view = staged
+            (region, view), offset = copied, 0
             shm_frames.counts["staged"] += 1
-        region, offset = found
+        else:
+            region, offset = found
         self._tokens += 1
         self._lent[self._tokens] = (view, region)
         shm_frames.counts["lent"] += 1
@@ -330,7 +328,7 @@ class SocketComm:
                 else:
                     shm_frames.counts["sent"] += 1
         head = _U64.pack(len(views)) + struct.pack(f"<{len(views)}Q", *lengths)
-        sizes = [len(v) if isinstance(v, bytes) else v.nbytes for v in views]
+        sizes = [n & ~_LENT for n in lengths]
         total = sum(sizes)
         async with self._writing:
             if total <= _SMALL:
@@ -341,10 +339,6 @@ class SocketComm:
                     if size:
                         await self._send(view)
         return total + len(head)
-
-
-def _lending_wanted() -> bool:
-    return bool(config.lookup("transfer", "shared-memory-frames"))
 
 
 async def connect_socket(host: str, port: int, timeout: float, landing: Landing | None = None) -> SocketComm:

@@ -253,10 +253,10 @@ def _region(size: int = 2 << 20):
     import os
     import uuid
 
-    from tdask.shm_regions import Region as _Region
+    from tdask.shm_regions import Region
     from tdask.triton_server import POOL_SHM_PREFIX
 
-    return _Region(f"{POOL_SHM_PREFIX}{os.getpid()}_test{uuid.uuid4().hex[:8]}", size)
+    return Region(f"{POOL_SHM_PREFIX}{os.getpid()}_test{uuid.uuid4().hex[:8]}", size)
 
 
 async def _pair(listener, accepted) -> tuple[SocketComm, SocketComm]:
