@@ -10,7 +10,7 @@ import time
 import uuid
 import weakref
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import Any
 
 import numpy as np
@@ -96,20 +96,66 @@ class OutputOf:
 
 
 class InferFuture:
-    """A request in flight. ``await`` it for the :class:`InferResult`."""
+    """A request in flight. ``await`` it for the :class:`InferResult`; await it as often as you like.
 
-    def __init__(self, task: asyncio.Task, request_id: str) -> None:
-        self._task = task
+    A future awaited before the loop's next iteration (``await op.infer(...)``, the usual case) runs its
+    request in the awaiting task; otherwise the request starts as a task of its own in that iteration, as
+    with ``asyncio.ensure_future``. A task of its own costs its creation and two loop iterations (start,
+    wake-up) per call: measured at 1,000 elements, concurrency 1, that was ~0.1 ms of CPU per pipeline
+    request in encoder_decoder's worker (two calls) and ~0.3 ms of latency per call from a client.
+    """
+
+    def __init__(self, coro: Coroutine[Any, Any, InferResult], request_id: str) -> None:
         self.request_id = request_id
+        self._coro: Coroutine[Any, Any, InferResult] | None = coro
+        self._task: asyncio.Task | None = None
+        self._done: asyncio.Future | None = None  # the outcome, once the request ran in an awaiting task
+        self._awaiter: asyncio.Task | None = None  # that task, while the request runs there
+        self._loop = asyncio.get_running_loop()
+        self._start_handle: asyncio.Handle | None = self._loop.call_soon(self._start)
 
-    def __await__(self):
-        return self._task.__await__()
+    def _start(self) -> None:
+        """Not awaited in the iteration that made it: the request runs as a task of its own."""
+        self._start_handle = None
+        if self._coro is not None:
+            coro, self._coro = self._coro, None
+            self._task = self._loop.create_task(coro)
+
+    def __await__(self) -> Generator[Any, None, InferResult]:
+        if self._coro is not None:  # awaited at once: run here, no task of its own
+            coro, self._coro = self._coro, None
+            if self._start_handle is not None:
+                self._start_handle.cancel()
+                self._start_handle = None
+            self._done = self._loop.create_future()
+            self._awaiter = asyncio.current_task()
+            try:
+                result = yield from coro.__await__()
+            except BaseException as e:
+                if isinstance(e, asyncio.CancelledError):
+                    self._done.cancel()
+                else:
+                    self._done.set_exception(e)
+                    self._done.exception()  # retrieved: raised here; later awaits raise it again
+                raise
+            finally:
+                self._awaiter = None
+            self._done.set_result(result)
+            return result
+        return (yield from (self._task if self._task is not None else self._done).__await__())
 
     def done(self) -> bool:
-        return self._task.done()
+        outcome = self._task if self._task is not None else self._done
+        return outcome is not None and outcome.done()
 
     def cancel(self) -> bool:
-        return self._task.cancel()
+        """Cancel the request; one that runs in the task awaiting it is cancelled with that task, as the
+        awaiter of a cancelled task would be."""
+        if self._coro is not None:
+            self._start()
+        if self._task is not None:
+            return self._task.cancel()
+        return self._awaiter is not None and self._awaiter.cancel()
 
     def output(self, name: str) -> OutputOf:
         """Use one output of this request as the input of another call."""
@@ -174,8 +220,7 @@ class RemoteOperator:
         returns NumPy arrays, ``"gpu"`` CuPy arrays on the replica's GPU; ``None`` as produced.
         """
         request_id = request_id or new_request_id()
-        task = asyncio.ensure_future(self._infer(inputs, parameters, request_id, keep, timeout, output_device))
-        return InferFuture(task, request_id)
+        return InferFuture(self._infer(inputs, parameters, request_id, keep, timeout, output_device), request_id)
 
     async def _infer(self, inputs: Any, parameters: Any, request_id: str, keep: bool | str,
                      timeout: float | None, output_device: str | None = None) -> InferResult:

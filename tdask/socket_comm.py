@@ -54,6 +54,7 @@ _CONTROL = 1 << 63  # in a count word: a control message (its kind in the low bi
 _HELLO, _ACK = 1, 2
 _LENT = 1 << 63  # in a frame's length word: the frame is lent (the wire holds where it lies, not its bytes)
 _MAX_CONTROL = _SMALL  # control payloads are read through the reused buffer
+_Encoded = tuple[bytes, list["bytes | memoryview"], list[int]]  # a message's length words, frames, sizes
 
 
 def socket_stream_wanted(address: str) -> bool:
@@ -80,6 +81,8 @@ class SocketComm:
         self._busy = 0  # reads and writes in progress
         self._landing = landing  # where a large frame is received, when not into a buffer of its own
         self._writing = asyncio.Lock()  # the stream's writer and this comm's own acks take turns
+        self._tail: memoryview | None = None  # what a synchronous send left unsent: it goes out before all else
+        self._tail_task: asyncio.Task | None = None
         self.peer_shares_memory = False  # the peer said hello with our host identity: frames may be lent
         self._lent: dict[int, tuple[memoryview, shm_frames.Lendable]] = {}  # token -> frame held until acked
         self._tokens = 0
@@ -120,6 +123,13 @@ class SocketComm:
 
     # -- reading and writing ---------------------------------------------------------------
     async def _send(self, data: bytes | memoryview) -> None:
+        """Sends ``data``; the caller holds ``_writing``."""
+        if self._tail is not None:
+            tail, self._tail = self._tail, None
+            await self._sendall(tail)
+        await self._sendall(data)
+
+    async def _sendall(self, data: bytes | memoryview) -> None:
         call = self._loop.sock_sendall(self.socket, data)
         if self._closed:
             call.close()
@@ -313,7 +323,8 @@ class SocketComm:
         return _LOAN.pack(self._tokens, offset, view.nbytes) + region.name.encode()
 
     # -- writing (one message at a time: this comm's lock lets its acks in between the stream writer's) ----
-    async def write(self, msg: Any, serializers: Any = None, on_error: str = "message") -> int:
+    def _encode(self, msg: Any, serializers: Any = None, on_error: str = "message") -> _Encoded:
+        """The message's length words and frames; large frames lent where the peer shares memory."""
         if self._closed:
             raise CommClosedError(f"{self!r}")
         frames = dumps(msg, serializers=serializers, on_error=on_error,
@@ -329,6 +340,13 @@ class SocketComm:
                     shm_frames.counts["sent"] += 1
         head = _U64.pack(len(views)) + struct.pack(f"<{len(views)}Q", *lengths)
         sizes = [n & ~_LENT for n in lengths]
+        return head, views, sizes
+
+    async def write(self, msg: Any, serializers: Any = None, on_error: str = "message") -> int:
+        return await self.write_encoded(self._encode(msg, serializers, on_error))
+
+    async def write_encoded(self, encoded: _Encoded) -> int:
+        head, views, sizes = encoded
         total = sum(sizes)
         async with self._writing:
             if total <= _SMALL:
@@ -339,6 +357,38 @@ class SocketComm:
                     if size:
                         await self._send(view)
         return total + len(head)
+
+    def try_write(self, msg: Any) -> _Encoded | None:
+        """Send ``msg`` now, from the caller's own step, when it is small and nothing else is being written
+        (the usual case): no task and no loop iteration for it. Returns None when it went (a rest the socket
+        did not take goes out before anything else), else the encoded message for :meth:`write_encoded`."""
+        encoded = self._encode(msg, on_error="raise")
+        head, views, sizes = encoded
+        if sum(sizes) > _SMALL or self._writing.locked() or self._tail is not None:
+            return encoded
+        data = b"".join([head, *views])
+        try:
+            sent = self.socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            self.abort()
+            raise CommClosedError(f"connection to {self.peer_address} broke: {e}") from e
+        if sent < len(data):
+            self._tail = memoryview(data)[sent:]
+            self._tail_task = asyncio.ensure_future(self._flush_tail())
+        return None
+
+    async def _flush_tail(self) -> None:
+        try:
+            async with self._writing:
+                if self._tail is not None:
+                    tail, self._tail = self._tail, None
+                    await self._sendall(tail)
+        except CommClosedError:
+            pass
+        finally:
+            self._tail_task = None
 
 
 async def connect_socket(host: str, port: int, timeout: float, landing: Landing | None = None) -> SocketComm:

@@ -2,6 +2,8 @@
 
 Dask's ``BatchedSend`` does the same with tornado events and timeouts; this asyncio-native
 version wakes no timer, so a lone request leaves at once and a burst leaves in few writes.
+Messages queued in one loop iteration leave together at the start of the next; on a comm that
+can send a small batch at once (:meth:`tdask.socket_comm.SocketComm.try_write`) that needs no task.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class CoalescingWriter:
         comm.allow_offload = False
         self.buffer: list[Any] = []
         self._task: asyncio.Task | None = None
+        self._flushing = False  # a flush is scheduled for the next loop iteration
+        self._try_write = getattr(comm, "try_write", None)
         self.closed = False
         self.batches = 0
         self.messages = 0
@@ -33,11 +37,37 @@ class CoalescingWriter:
         if self.closed or self.comm.closed():
             raise CommClosedError(f"comm {self.comm!r} is closed")
         self.buffer.append(msg)
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._drain())
+        if self._task is None and not self._flushing:
+            if self._try_write is None:
+                self._task = asyncio.ensure_future(self._drain())
+            else:
+                self._flushing = True
+                asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _drain(self) -> None:
+    def _flush(self) -> None:
+        self._flushing = False
+        if self._task is not None or not self.buffer or self.closed:
+            return
+        batch, self.buffer = self.buffer, []
+        self.batches += 1
+        self.messages += len(batch)
         try:
+            encoded = self._try_write(batch)
+        except (CommClosedError, OSError) as e:
+            logger.debug("writer for %s stopped: %r", self.comm.peer_address, e)
+            self.abort()
+            return
+        except Exception:
+            logger.exception("writing to %s failed", self.comm.peer_address)
+            self.abort()
+            return
+        if encoded is not None:
+            self._task = asyncio.ensure_future(self._drain(encoded))
+
+    async def _drain(self, encoded: Any = None) -> None:
+        try:
+            if encoded is not None:  # a batch try_write could not send at once
+                await self.comm.write_encoded(encoded)
             while self.buffer:
                 batch, self.buffer = self.buffer, []
                 self.batches += 1
@@ -54,6 +84,8 @@ class CoalescingWriter:
 
     async def flush(self, timeout: float = 2) -> None:
         """Let queued messages leave (used before closing)."""
+        if self._flushing:
+            self._flush()  # what waits for the next iteration leaves now
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)

@@ -273,3 +273,47 @@ def test_output_device_cpu_gives_numpy_and_gpu_is_refused_without_cupy(loop, ses
     except ImportError:
         with pytest.raises(InvalidRequestError, match="without CuPy"):
             infer(loop, session, "encoder", {"input": np.arange(4)}, output_device="gpu")
+
+
+def test_a_future_runs_whether_or_not_it_is_awaited_and_keeps_its_outcome(loop, session, hello_world):
+    """``await op.infer(...)`` runs the request in the awaiting task; a future nobody awaits yet runs on
+    its own all the same. Either way it can be awaited again (same result, same error) and by two tasks."""
+
+    async def run() -> None:
+        op = await session.operator("encoder_decoder")
+        x = np.arange(50, dtype=np.int64)
+
+        awaited = op.infer({"input": x})
+        first = await awaited
+        assert np.array_equal(first["output"], x) and awaited.done()
+        assert await awaited is first
+
+        unawaited = op.infer({"input": x + 1})
+        for _ in range(600):  # nobody awaits it: it must still go out and be answered
+            if unawaited.done():
+                break
+            await asyncio.sleep(0.05)
+        assert unawaited.done(), "a future nobody awaited was never answered"
+        assert np.array_equal((await unawaited)["output"], x + 1)
+
+        shared = op.infer({"input": x + 2})
+
+        async def other_awaiter():
+            return await shared
+
+        other = asyncio.ensure_future(other_awaiter())  # starts after this task awaits it below
+        mine = await shared
+        assert await other is mine and np.array_equal(mine["output"], x + 2)
+
+        failing = op.infer({"input": x.astype(np.float32)})
+        for _ in range(2):
+            with pytest.raises(TritonError):
+                await failing
+
+        cancelled = op.infer({"input": x})
+        assert cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert cancelled.done()
+
+    loop.run(run())

@@ -159,6 +159,54 @@ def test_a_garbage_header_ends_the_stream_instead_of_allocating_it() -> None:
     asyncio.run(scenario())
 
 
+def test_a_batch_the_socket_takes_only_in_part_still_arrives_whole_and_in_order() -> None:
+    """A small batch is sent from the writer's own step (no task); when the socket takes only part of it (the
+    peer reads nothing yet), the rest goes out before anything else: later batches, which then wait for the
+    socket in a task, and this comm's own control messages."""
+    from tdask.writer import CoalescingWriter
+
+    async def scenario() -> None:
+        async with _listening() as (listener, accepted):
+            client = await connect_socket("127.0.0.1", listener.port, 5)
+            server = await asyncio.wait_for(accepted.get(), 10)
+            client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+            server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+            partial = []
+            real_try_write = client.try_write
+
+            def watched_try_write(batch):
+                out = real_try_write(batch)
+                if client._tail is not None:  # the socket took this batch only in part
+                    partial.append(batch[0]["i"])
+                return out
+
+            client.try_write = watched_try_write
+            writer = CoalescingWriter(client)
+            payload = np.arange(_SMALL // 8 - 64, dtype=np.int64)  # each batch just under the reused buffer
+            sent, controls = 0, []
+            try:
+                while sent < 4000 and (not partial or sent < partial[0] + 20):
+                    writer.send({"i": sent, "x": to_serialize(payload + sent)})
+                    sent += 1
+                    # a control message queued behind the batch: when the batch went only in part, its rest
+                    # must go first (the control message's task runs before the one made for the rest)
+                    controls.append(asyncio.ensure_future(client.hello()))
+                    await asyncio.sleep(0)  # the batch leaves at the start of the next iteration
+                assert partial, "the socket took every batch whole: the partial send was never made"
+                received = []
+                while len(received) < sent:  # reading now lets the rest and the waiting batches out
+                    received += await asyncio.wait_for(server.read(), 30)
+                for i, msg in enumerate(received):
+                    assert msg["i"] == i and np.array_equal(msg["x"], payload + i), f"message {i} came out wrong"
+                await asyncio.wait_for(asyncio.gather(*controls), 10)
+                assert client._tail is None and writer._task is None
+            finally:
+                writer.abort()
+                server.abort()
+
+    asyncio.run(scenario())
+
+
 def test_only_plain_tcp_workers_get_the_socket_stream_and_a_misspelt_setting_is_an_error() -> None:
     from tdask import ConfigError
 
