@@ -112,15 +112,12 @@ class WorkerStream:
 
     async def _read(self, comm: Any) -> None:
         try:
-            while True:
-                msgs = await comm.read()
-                if not isinstance(msgs, (list, tuple)):
-                    msgs = (msgs,)
-                for msg in msgs:
-                    fut = self.pending.pop(msg.get("id"), None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg)
-                msgs = msg = fut = None  # the answers are their futures' now, not held until the next read
+            serve = getattr(comm, "serve", None)  # a plain-socket stream hands answers over as they come
+            if serve is not None:
+                await serve(self._answered)
+            else:
+                while True:
+                    self._answered(await comm.read())
         except (CommClosedError, OSError) as e:
             reason = e
         except Exception as e:  # pragma: no cover - keep the error visible
@@ -128,6 +125,14 @@ class WorkerStream:
             reason = e
         self.fail_all(ReplicaUnavailableError(
             f"lost connection to worker {self.address} ({reason}); the request may or may not have run"))
+
+    def _answered(self, msgs: Any) -> None:
+        if not isinstance(msgs, (list, tuple)):
+            msgs = (msgs,)
+        for msg in msgs:
+            fut = self.pending.pop(msg.get("id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
 
     def fail_all(self, error: Exception) -> None:
         pending, self.pending = self.pending, {}

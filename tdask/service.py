@@ -34,6 +34,10 @@ _lock = threading.Lock()
 RETRYABLE = ("OverloadedError", "ReplicaUnavailableError")
 
 
+class _StreamEnded(Exception):
+    """The caller closed its request stream."""
+
+
 def error_to_wire(exc: BaseException) -> dict[str, Any]:
     """``retryable``: the replica refused the request before running it (overloaded, not running),
     so another replica may take it. The same errors raised *while* it ran (an operator's own
@@ -147,33 +151,34 @@ class WorkerService:
         sender = CoalescingWriter(comm)
         self.streams.add(sender)
         tasks: set[asyncio.Task] = set()
+
+        def dispatch(msgs: Any) -> None:
+            if not isinstance(msgs, (list, tuple)):
+                msgs = (msgs,)
+            for msg in msgs:
+                op = msg.get("op")
+                if op == "infer":
+                    task = asyncio.ensure_future(self._serve(msg, sender))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                elif op == "fetch":
+                    sender.send(self._fetched(msg))
+                elif op == "release":
+                    self.store.release(msg.get("keys", []))
+                elif op == "close-stream":
+                    raise _StreamEnded
+                else:
+                    logger.warning("tdask stream: unknown op %r from %s", op, comm.peer_address)
+
         try:
-            while not comm.closed():
-                try:
-                    msgs = await comm.read()
-                except CommClosedError:
-                    break
-                if not isinstance(msgs, (list, tuple)):
-                    msgs = (msgs,)
-                for msg in msgs:
-                    op = msg.get("op")
-                    if op == "infer":
-                        task = asyncio.ensure_future(self._serve(msg, sender))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-                    elif op == "fetch":
-                        try:
-                            sender.send(self._fetched(msg))
-                        except CommClosedError:
-                            break
-                    elif op == "release":
-                        self.store.release(msg.get("keys", []))
-                    elif op == "close-stream":
-                        return Status.dont_reply
-                    else:
-                        logger.warning("tdask stream: unknown op %r from %s", op, comm.peer_address)
-                # not held while the next message is awaited: its tensors (shared-memory regions) would stay taken
-                msgs = msg = None
+            serve = getattr(comm, "serve", None)  # a plain-socket stream hands requests over as they come
+            if serve is not None:
+                await serve(dispatch)
+            else:
+                while not comm.closed():
+                    dispatch(await comm.read())  # not held while the next one is awaited: its regions would stay taken
+        except (CommClosedError, _StreamEnded):
+            pass
         finally:
             self.streams.discard(sender)
             sender.abort()

@@ -9,6 +9,9 @@ latency at concurrency 1. Messages are still made and read by ``distributed.prot
 
 Wire format of one message: frame count (u64), each frame's length (u64), the frames. Large frames are
 received straight into their own buffer and sent from the sender's memory: no tensor is copied here.
+Both ends avoid asyncio tasks on the common path, each of which costs a loop iteration per message: a
+small message is parsed and handed to its consumer by the socket's readiness callback (:meth:`SocketComm.serve`),
+and a small batch leaves with one non-blocking send from a plain callback (:meth:`SocketComm.try_write`).
 A worker can say where a large frame lands (``landing``), on its listener and on the streams it opens to
 other workers: into a shared-memory region of its Triton server, so that a tensor a caller sends, or one
 fetched from the worker that produced it, is Triton's input where it lies.
@@ -55,6 +58,8 @@ _HELLO, _ACK = 1, 2
 _LENT = 1 << 63  # in a frame's length word: the frame is lent (the wire holds where it lies, not its bytes)
 _MAX_CONTROL = _SMALL  # control payloads are read through the reused buffer
 _Encoded = tuple[bytes, list["bytes | memoryview"], list[int]]  # a message's length words, frames, sizes
+_MORE = object()  # the buffer holds only part of the next message
+_AWAITED = object()  # the next message is read by read(): a control message, large or lent frames
 
 
 def socket_stream_wanted(address: str) -> bool:
@@ -243,6 +248,96 @@ class SocketComm:
             return loads(frames, deserialize=True, deserializers=deserializers)
         except Exception as e:
             raise self._malformed(repr(e)) from e
+
+    async def serve(self, handle: Callable[[Any], None]) -> None:
+        """Hand each message to ``handle`` until the stream ends (raises CommClosedError, or what ``handle``
+        raised). A message of small frames is read and handed over by the socket's readiness callback itself:
+        one loop iteration sooner than a task woken by it (a request's answer, a worker's next request). The
+        rest (control messages, large or lent frames) is read by :meth:`read` in this task."""
+        while True:
+            msg = self._parse_buffered()
+            if msg is _AWAITED:
+                (count,) = _U64.unpack_from(self._buf, self._start)
+                if count & _CONTROL:  # an ack or hello: the message after it may be handed over again
+                    self._start += 8
+                    await self._control(count & ~_CONTROL)
+                else:
+                    handle(await self.read())
+            elif msg is not _MORE:
+                handle(msg)
+            else:
+                await self._pump(handle)
+
+    async def _pump(self, handle: Callable[[Any], None]) -> None:
+        """Until the next message must be read by :meth:`read`: read, and hand over, from the readiness callback."""
+        if self._closed:
+            raise CommClosedError(f"{self!r}")
+        done = self._loop.create_future()
+        fd = self.socket.fileno()
+        self._busy += 1
+        self._loop.add_reader(fd, self._pumped, done, handle)
+        try:
+            await done
+        finally:
+            self._loop.remove_reader(fd)  # before the descriptor may be closed
+            self._busy -= 1
+            self._release()
+
+    def _pumped(self, done: asyncio.Future, handle: Callable[[Any], None]) -> None:
+        if done.done():
+            return
+        try:
+            if self._start == self._end:
+                self._start = self._end = 0
+            self._end += self._recv_ready(self._view[self._end:], 0)
+            while True:
+                msg = self._parse_buffered()
+                if msg is _MORE:
+                    return  # still watched: the rest comes with the next callback
+                if msg is _AWAITED:
+                    done.set_result(None)
+                    return
+                handle(msg)
+                msg = None  # not held until the next message comes
+        except Exception as e:  # the stream ended or is malformed, or the handler failed: serve() raises it
+            if not done.done():
+                done.set_exception(e)
+
+    def _parse_buffered(self) -> Any:
+        """The next message, if all of it is in the buffer and it is made of small frames only; else ``_MORE``
+        (wait for more bytes) or ``_AWAITED`` (:meth:`read` reads it)."""
+        start, held = self._start, self._end - self._start
+        if held < 8:
+            return self._more(8)
+        (count,) = _U64.unpack_from(self._buf, start)
+        head = 8 + 8 * count
+        if count & _CONTROL or head > _SMALL:
+            return _AWAITED
+        if held < head:
+            return self._more(head)
+        lengths = struct.unpack_from(f"<{count}Q", self._buf, start + 8)
+        total = head + sum(lengths)
+        if total > _SMALL:  # also when a frame is large or lent (those length words are huge)
+            return _AWAITED
+        if held < total:
+            return self._more(total)
+        frames, at = [], start + head
+        for n in lengths:
+            frames.append(bytes(self._view[at:at + n]))
+            at += n
+        self._start += total
+        try:
+            return loads(frames, deserialize=True)
+        except Exception as e:
+            raise self._malformed(repr(e)) from e
+
+    def _more(self, total: int) -> Any:
+        """More of a message of ``total`` bytes must come: make room for all of it behind what is held."""
+        if self._start + total > _SMALL:
+            held = self._end - self._start
+            self._buf[:held] = self._buf[self._start:self._end]
+            self._start, self._end = 0, held
+        return _MORE
 
     async def _control(self, kind: int) -> None:
         (size,) = _U64.unpack(await self._buffered(8))

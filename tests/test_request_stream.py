@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 from collections.abc import AsyncIterator
 
 import dask.config
@@ -205,6 +206,93 @@ def test_a_batch_the_socket_takes_only_in_part_still_arrives_whole_and_in_order(
                 server.abort()
 
     asyncio.run(scenario())
+
+
+def test_serve_hands_small_messages_over_from_the_readiness_callback_and_reads_the_rest_itself() -> None:
+    """``serve`` parses a message of small frames in the socket's readiness callback (no task runs its
+    handler), also one that arrives in pieces or must be moved to the buffer's front to fit; a large frame
+    and a control message take :meth:`read` in the serving task; all arrive whole and in order."""
+
+    async def scenario() -> None:
+        async with _listening() as (listener, accepted):
+            client = await connect_socket("127.0.0.1", listener.port, 5)
+            server = await asyncio.wait_for(accepted.get(), 10)
+            await client.write({"i": "first"})
+            assert await server.read() == {"i": "first"}  # and the hello before it
+            got: list = []
+            serving = asyncio.ensure_future(server.serve(lambda msg: got.append((msg, asyncio.current_task()))))
+            try:
+                # each message arrives while the server waits for the next one (the pauses)
+                await client.write({"i": 0, "x": to_serialize(np.arange(100))})
+                await asyncio.sleep(0.1)
+                await client.write({"i": "large", "x": to_serialize(np.arange(_SMALL))})  # a 512 KB frame
+                await asyncio.sleep(0.1)
+                await client.write([{"i": 1}, {"i": 2, "x": to_serialize(np.arange(10))}])  # a batch
+                await asyncio.sleep(0.1)
+                await client.hello()  # a control message between two messages: the next is handed over again
+                await asyncio.sleep(0.1)
+                # a 30 KB message, then a 48 KB one arriving in pieces: the second no longer fits behind the
+                # first in the 64 KiB buffer, so it is moved to the front while its rest is awaited
+                pieces = []
+                for i, n in ((3, 30_000 // 8), (4, 48_000 // 8)):
+                    head, views, _ = client._encode({"i": i, "x": to_serialize(np.arange(n))})
+                    pieces.append(b"".join([head, *views]))
+                data = b"".join(pieces)
+                for at in range(0, len(data), 20_000):
+                    assert client.socket.send(data[at:at + 20_000]) == len(data[at:at + 20_000])
+                    await asyncio.sleep(0.05)
+                await client.write({"i": 5})
+                for _ in range(200):
+                    if len(got) == 6:
+                        break
+                    await asyncio.sleep(0.05)
+                ids = [m["i"] if isinstance(m, dict) else [x["i"] for x in m] for m, _ in got]
+                assert ids == [0, "large", [1, 2], 3, 4, 5]
+                sizes = {0: 100, "large": _SMALL, 3: 30_000 // 8, 4: 48_000 // 8}
+                for msg, _ in got:
+                    if isinstance(msg, dict) and msg["i"] in sizes:
+                        assert np.array_equal(msg["x"], np.arange(sizes[msg["i"]])), msg["i"]
+                tasks = {str(m["i"]) if isinstance(m, dict) else "batch": t for m, t in got}
+                assert tasks["large"] is serving  # read() in the serving task
+                assert all(tasks[k] is None for k in ("0", "batch", "3", "4", "5"))  # the readiness callback
+            finally:
+                client.abort()
+            with pytest.raises(CommClosedError):
+                await asyncio.wait_for(serving, 10)
+            server.abort()
+
+    asyncio.run(scenario())
+
+
+def test_serve_ends_on_a_malformed_small_message_and_passes_on_its_handlers_error() -> None:
+    async def serve_until_it_ends(payload: bytes, handle) -> BaseException:
+        async with _listening() as (listener, accepted):
+            client = await connect_socket("127.0.0.1", listener.port, 5)
+            server = await asyncio.wait_for(accepted.get(), 10)
+            serving = asyncio.ensure_future(server.serve(handle))
+            client.socket.send(payload)
+            try:
+                await asyncio.wait_for(serving, 10)
+            except BaseException as e:  # noqa: BLE001 - returned for the asserts
+                return e
+            finally:
+                client.abort()
+                server.abort()
+            raise AssertionError("serve returned")
+
+    garbage = struct.pack("<QQ", 1, 5) + b"\xc1" * 5  # one 5-byte frame that msgpack cannot read
+    error = asyncio.run(serve_until_it_ends(garbage, lambda msg: None))
+    assert isinstance(error, CommClosedError) and "malformed" in str(error), repr(error)
+
+    def failing(msg):
+        raise ValueError(f"handler failed on {msg}")
+
+    from distributed.protocol import dumps
+
+    frames = dumps({"op": "x"})
+    message = struct.pack(f"<{len(frames) + 1}Q", len(frames), *map(len, frames)) + b"".join(frames)
+    error = asyncio.run(serve_until_it_ends(message, failing))
+    assert isinstance(error, ValueError) and "handler failed" in str(error), repr(error)
 
 
 def test_only_plain_tcp_workers_get_the_socket_stream_and_a_misspelt_setting_is_an_error() -> None:
