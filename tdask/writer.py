@@ -53,13 +53,8 @@ class CoalescingWriter:
         self.messages += len(batch)
         try:
             encoded = self._try_write(batch)
-        except (CommClosedError, OSError) as e:
-            logger.debug("writer for %s stopped: %r", self.comm.peer_address, e)
-            self.abort()
-            return
-        except Exception:
-            logger.exception("writing to %s failed", self.comm.peer_address)
-            self.abort()
+        except Exception as e:  # noqa: BLE001 - the writer stops, as when a write in _drain fails
+            self._stopped(e)
             return
         if encoded is not None:
             self._task = asyncio.ensure_future(self._drain(encoded))
@@ -73,14 +68,18 @@ class CoalescingWriter:
                 self.batches += 1
                 self.messages += len(batch)
                 await self.comm.write(batch, on_error="raise")
-        except (CommClosedError, OSError) as e:
-            logger.debug("writer for %s stopped: %r", self.comm.peer_address, e)
-            self.abort()
-        except Exception:
-            logger.exception("writing to %s failed", self.comm.peer_address)
-            self.abort()
+        except Exception as e:  # noqa: BLE001 - see _stopped
+            self._stopped(e)
         finally:
             self._task = None
+
+    def _stopped(self, error: Exception) -> None:
+        """A write failed: a closed comm is expected (the peer went away), anything else is logged."""
+        if isinstance(error, (CommClosedError, OSError)):
+            logger.debug("writer for %s stopped: %r", self.comm.peer_address, error)
+        else:
+            logger.error("writing to %s failed", self.comm.peer_address, exc_info=error)
+        self.abort()
 
     async def flush(self, timeout: float = 2) -> None:
         """Let queued messages leave (used before closing)."""
