@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from distributed.comm import CommClosedError, connect, get_address_host
@@ -18,6 +19,17 @@ from tdask.writer import CoalescingWriter
 logger = logging.getLogger(__name__)
 
 _ids = itertools.count()
+
+
+async def read_messages(comm: Any, handle: Callable[[Any], None]) -> None:
+    """Hand every message of ``comm`` to ``handle`` until it ends (raises CommClosedError). A plain-socket
+    stream hands small ones over from its readiness callback (:meth:`~tdask.socket_comm.SocketComm.serve`)."""
+    serve = getattr(comm, "serve", None)
+    if serve is not None:
+        await serve(handle)
+    else:
+        while True:
+            handle(await comm.read())  # not held while the next one is awaited: its regions would stay taken
 
 
 def error_from_wire(err: dict[str, Any]) -> Exception:
@@ -112,12 +124,7 @@ class WorkerStream:
 
     async def _read(self, comm: Any) -> None:
         try:
-            serve = getattr(comm, "serve", None)  # a plain-socket stream hands answers over as they come
-            if serve is not None:
-                await serve(self._answered)
-            else:
-                while True:
-                    self._answered(await comm.read())
+            await read_messages(comm, self._answered)
         except (CommClosedError, OSError) as e:
             reason = e
         except Exception as e:  # pragma: no cover - keep the error visible

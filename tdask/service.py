@@ -13,7 +13,7 @@ from distributed.core import Status
 from distributed.protocol import to_serialize
 
 from tdask import config, shm_frames
-from tdask.connection import error_from_wire
+from tdask.connection import error_from_wire, read_messages
 from tdask.errors import InvalidRequestError, PlacementError, ReplicaUnavailableError, TdaskError
 from tdask.shm_regions import frame_pool
 from tdask.socket_comm import SocketListener, socket_stream_wanted
@@ -171,12 +171,7 @@ class WorkerService:
                     logger.warning("tdask stream: unknown op %r from %s", op, comm.peer_address)
 
         try:
-            serve = getattr(comm, "serve", None)  # a plain-socket stream hands requests over as they come
-            if serve is not None:
-                await serve(dispatch)
-            else:
-                while not comm.closed():
-                    dispatch(await comm.read())  # not held while the next one is awaited: its regions would stay taken
+            await read_messages(comm, dispatch)
         except (CommClosedError, _StreamEnded):
             pass
         finally:

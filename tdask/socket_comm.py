@@ -59,7 +59,7 @@ _LENT = 1 << 63  # in a frame's length word: the frame is lent (the wire holds w
 _MAX_CONTROL = _SMALL  # control payloads are read through the reused buffer
 _Encoded = tuple[bytes, list["bytes | memoryview"], list[int]]  # a message's length words, frames, sizes
 _MORE = object()  # the buffer holds only part of the next message
-_AWAITED = object()  # the next message is read by read(): a control message, large or lent frames
+_AWAITED = object()  # the next message must be awaited: a control message, large or lent frames
 
 
 def socket_stream_wanted(address: str) -> bool:
@@ -129,10 +129,14 @@ class SocketComm:
     # -- reading and writing ---------------------------------------------------------------
     async def _send(self, data: bytes | memoryview) -> None:
         """Sends ``data``; the caller holds ``_writing``."""
+        await self._send_tail()
+        await self._sendall(data)
+
+    async def _send_tail(self) -> None:
+        """What a synchronous send (:meth:`try_write`) left unsent goes before anything else."""
         if self._tail is not None:
             tail, self._tail = self._tail, None
             await self._sendall(tail)
-        await self._sendall(data)
 
     async def _sendall(self, data: bytes | memoryview) -> None:
         call = self._loop.sock_sendall(self.socket, data)
@@ -201,11 +205,7 @@ class SocketComm:
         """The next ``n`` (<= _SMALL) bytes, through the reused buffer."""
         held = self._end - self._start
         if held < n:
-            if held == 0:
-                self._start = self._end = 0
-            elif _SMALL - self._start < n:  # no room behind what is held: move it to the front
-                self._buf[:held] = self._buf[self._start:self._end]
-                self._start, self._end = 0, held
+            self._fit(n)
             self._end += await self._recv(self._view[self._end:], n - held)
         out = bytes(self._view[self._start:self._start + n])
         self._start += n
@@ -236,14 +236,20 @@ class SocketComm:
         while True:
             (count,) = _U64.unpack(await self._buffered(8))
             if not count & _CONTROL:
-                break
+                return await self._message(count, deserializers)
             await self._control(count & ~_CONTROL)
+
+    async def _message(self, count: int, deserializers: Any = None) -> Any:
+        """The rest of a message of ``count`` frames, its count word read."""
         if count > _MAX_FRAMES:
             raise self._malformed(f"{count} frames")
         lengths = struct.unpack(f"<{count}Q", await self._exactly(8 * count)) if count else ()
         frames = []
         for n in lengths:
             frames.append(await (self._borrowed(n & ~_LENT) if n & _LENT else self._exactly(n)))
+        return self._loads(frames, deserializers)
+
+    def _loads(self, frames: list, deserializers: Any = None) -> Any:
         try:
             return loads(frames, deserialize=True, deserializers=deserializers)
         except Exception as e:
@@ -253,23 +259,22 @@ class SocketComm:
         """Hand each message to ``handle`` until the stream ends (raises CommClosedError, or what ``handle``
         raised). A message of small frames is read and handed over by the socket's readiness callback itself:
         one loop iteration sooner than a task woken by it (a request's answer, a worker's next request). The
-        rest (control messages, large or lent frames) is read by :meth:`read` in this task."""
+        rest (control messages, large or lent frames) is read in this task, awaited."""
         while True:
             msg = self._parse_buffered()
             if msg is _AWAITED:
-                (count,) = _U64.unpack_from(self._buf, self._start)
+                (count,) = _U64.unpack(await self._buffered(8))
                 if count & _CONTROL:  # an ack or hello: the message after it may be handed over again
-                    self._start += 8
                     await self._control(count & ~_CONTROL)
                 else:
-                    handle(await self.read())
+                    handle(await self._message(count))
             elif msg is not _MORE:
                 handle(msg)
             else:
                 await self._pump(handle)
 
     async def _pump(self, handle: Callable[[Any], None]) -> None:
-        """Until the next message must be read by :meth:`read`: read, and hand over, from the readiness callback."""
+        """Until the next message must be awaited: read, and hand over, from the readiness callback."""
         if self._closed:
             raise CommClosedError(f"{self!r}")
         done = self._loop.create_future()
@@ -287,9 +292,7 @@ class SocketComm:
         if done.done():
             return
         try:
-            if self._start == self._end:
-                self._start = self._end = 0
-            self._end += self._recv_ready(self._view[self._end:], 0)
+            self._end += self._recv_ready(self._view[self._end:], 0)  # room was made (_more)
             while True:
                 msg = self._parse_buffered()
                 if msg is _MORE:
@@ -305,7 +308,7 @@ class SocketComm:
 
     def _parse_buffered(self) -> Any:
         """The next message, if all of it is in the buffer and it is made of small frames only; else ``_MORE``
-        (wait for more bytes) or ``_AWAITED`` (:meth:`read` reads it)."""
+        (wait for more bytes) or ``_AWAITED`` (:meth:`serve` awaits it)."""
         start, held = self._start, self._end - self._start
         if held < 8:
             return self._more(8)
@@ -326,17 +329,20 @@ class SocketComm:
             frames.append(bytes(self._view[at:at + n]))
             at += n
         self._start += total
-        try:
-            return loads(frames, deserialize=True)
-        except Exception as e:
-            raise self._malformed(repr(e)) from e
+        return self._loads(frames)
 
-    def _more(self, total: int) -> Any:
-        """More of a message of ``total`` bytes must come: make room for all of it behind what is held."""
-        if self._start + total > _SMALL:
-            held = self._end - self._start
+    def _fit(self, n: int) -> None:
+        """Make room in the reused buffer for the next ``n`` (<= _SMALL) bytes behind what it holds."""
+        held = self._end - self._start
+        if held == 0:
+            self._start = self._end = 0
+        elif self._start + n > _SMALL:  # no room behind what is held: move it to the front
             self._buf[:held] = self._buf[self._start:self._end]
             self._start, self._end = 0, held
+
+    def _more(self, n: int) -> Any:
+        """The next ``n`` bytes are not all here yet: make room for them, and say so."""
+        self._fit(n)
         return _MORE
 
     async def _control(self, kind: int) -> None:
@@ -477,9 +483,7 @@ class SocketComm:
     async def _flush_tail(self) -> None:
         try:
             async with self._writing:
-                if self._tail is not None:
-                    tail, self._tail = self._tail, None
-                    await self._sendall(tail)
+                await self._send_tail()
         except CommClosedError:
             pass
         finally:
