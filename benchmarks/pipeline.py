@@ -2,11 +2,13 @@
 
 One run, one machine, the same ``operators/triton_core_models`` with the same instance counts:
 
-* ``direct``: one Triton server (started with :class:`tdask.triton_server.TritonServer`) hosting
-  encoder and decoder; each request calls encoder, then decoder with the returned
-  ``input_copies`` through one ``tritonclient.grpc.aio`` client, and checks the output.
-* ``tdask_pipeline``: the hello-world deployment (encoder, decoder, encoder_decoder, one worker
-  each) on an embedded cluster; requests go to ``encoder_decoder``.
+* ``direct``: one Triton server (started with :class:`tdask.triton_server.TritonServer`, with the
+  allocator settings tdask's servers get from their worker) hosting encoder and decoder; each request
+  calls encoder, then decoder with the returned ``input_copies`` through one ``tritonclient.grpc.aio``
+  client, and checks the output.
+* ``tdask_pipeline``: the hello-world deployment (encoder, decoder, encoder_decoder) on an embedded
+  cluster, on one worker (``--workers 1``, one Triton server like direct) or one worker each
+  (``--workers 3``, deploy's placement); requests go to ``encoder_decoder``.
 * ``tdask_chained``: the caller passes the encoder's future into the decoder call.
 
 Cells are measured interleaved (direct, pipeline, chained, repeated ``--rounds`` times) so the
@@ -350,7 +352,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     import tdask
     from tdask import Deployment
-    from tdask.cluster import start_embedded_cluster
+    from tdask.cluster import start_embedded_cluster, worker_environ
     from tdask.triton_server import TritonServer
 
     # Triton's Python stub takes its site-packages from the first python3 on PATH.
@@ -373,7 +375,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "cells": [], "scaling": [], "memory": {},
     }
-    direct_server = TritonServer(MODELS)
+    # the same allocator settings as tdask's Triton servers, which inherit them from their worker
+    direct_server = TritonServer(MODELS, environ=worker_environ())
     n_workers = args.workers
     cluster = None
     try:

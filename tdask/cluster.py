@@ -85,7 +85,8 @@ async def start_embedded_cluster(
     host = "127.0.0.1" if protocol != "ucx" else None
     scheduler_kwargs = dict(kwargs.pop("scheduler_kwargs", None) or {})
     scheduler_kwargs.setdefault("preload", ["tdask.dashboard"])  # the tdask dashboard page and /metrics
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):  # read by each Nanny
+    # read as the scheduler and each Nanny are made (a Nanny hands its config to the worker it starts)
+    with dask.config.set({**cluster_dask_config(), "distributed.nanny.pre-spawn-environ": worker_environ()}):
         cluster = await LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
@@ -113,6 +114,11 @@ async def start_embedded_cluster(
             await cluster._correct_state()
             await cluster.scheduler_comm.identity()
     return cluster
+
+
+def cluster_dask_config() -> dict[str, Any]:
+    """tdask's ``embedded-cluster.dask-config``: Dask settings of the embedded cluster's scheduler and workers."""
+    return dict(config.get("embedded-cluster.dask-config", None) or {})
 
 
 def worker_environ() -> dict[str, Any]:

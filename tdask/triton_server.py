@@ -181,7 +181,11 @@ def sweep_orphans() -> None:
 
 
 class TritonServer:
-    """One ``tritonserver`` process in explicit model-control mode, on private free ports."""
+    """One ``tritonserver`` process in explicit model-control mode, on private free ports.
+
+    It and its Python stubs inherit this process's environment, with ``environ`` over it (a tdask worker's
+    servers get the worker's allocator settings that way; the benchmark gives its direct server the same).
+    """
 
     def __init__(
         self,
@@ -192,6 +196,7 @@ class TritonServer:
         log_verbose: int = 0,
         startup_timeout: float = 60.0,
         host: str = "127.0.0.1",
+        environ: dict[str, str] | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         if server_path is None:
@@ -207,6 +212,7 @@ class TritonServer:
         self.log_verbose = int(log_verbose)
         self.startup_timeout = float(startup_timeout)
         self.host = host
+        self.environ = {key: str(value) for key, value in (environ or {}).items()}  # over this process's
         self._process: asyncio.subprocess.Process | None = None
         self._instances: dict[str, int] = {}  # model -> instances loaded, which Triton stops one by one
         self._stubs_killed = False  # the stopped server's process group was swept (once: its number may be reused)
@@ -322,7 +328,7 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
-        env = dict(os.environ)
+        env = {**os.environ, **self.environ}
         # The Python stub takes its site-packages from the first python3 on PATH (it ignores
         # PYTHONPATH): put this interpreter's bin directory first, always.
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")

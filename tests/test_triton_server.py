@@ -37,7 +37,7 @@ class Env:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.server = TritonServer(REPOSITORY)
+        self.server = TritonServer(REPOSITORY, environ={"TDASK_TEST_ENVIRON": "given"})
         self.client = TritonModelClient("", "")  # replaced once the server runs
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
@@ -75,6 +75,14 @@ def test_server_is_a_child_process_we_started(env: Env) -> None:
     assert "tritonserver" in process.name()
     assert env.server.grpc_url.startswith("127.0.0.1:")
     assert env.server.metrics_url.endswith("/metrics")
+
+
+def test_the_server_and_its_stubs_run_with_the_environment_given(env: Env) -> None:
+    server = psutil.Process(env.server.pid)
+    stubs = [p for p in server.children(recursive=True) if "triton_python_backend_stub" in p.name()]
+    assert len(stubs) >= 4  # two instances each of encoder and decoder
+    assert "TDASK_TEST_ENVIRON" not in os.environ
+    assert {p.environ().get("TDASK_TEST_ENVIRON") for p in [server, *stubs]} == {"given"}
 
 
 def test_models_loaded_with_merged_config(env: Env) -> None:

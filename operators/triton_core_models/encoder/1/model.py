@@ -130,7 +130,10 @@ class TritonPythonModel:
         else:
             data = tensor.as_numpy()
             n = int(data.size)
-            output = pb_utils.Tensor("output", ~np.repeat(data.ravel(), input_copies))
+            # invert the n inputs, then repeat them (the same as repeating, then inverting n x copies);
+            # one copy needs no repeat: np.repeat moves element by element (~5 ms for 8 MB, invert ~1 ms)
+            inverted = np.invert(data.ravel())
+            output = pb_utils.Tensor("output", inverted if input_copies == 1 else np.repeat(inverted, input_copies))
         if delay and n:
             time.sleep(delay * n)
         return pb_utils.InferenceResponse(output_tensors=[output, copies])
