@@ -85,8 +85,11 @@ async def start_embedded_cluster(
     host = "127.0.0.1" if protocol != "ucx" else None
     scheduler_kwargs = dict(kwargs.pop("scheduler_kwargs", None) or {})
     scheduler_kwargs.setdefault("preload", ["tdask.dashboard"])  # the tdask dashboard page and /metrics
-    # read as the scheduler and each Nanny are made (a Nanny hands its config to the worker it starts)
-    with dask.config.set({**cluster_dask_config(), "distributed.nanny.pre-spawn-environ": worker_environ()}):
+    # the scheduler reads them as it is made; each Nanny hands its config to the worker it starts, also to
+    # workers added later by cluster.scale() (hence also the Nanny's own config)
+    dask_config = cluster_dask_config()
+    kwargs["config"] = {**dask_config, **(kwargs.get("config") or {})}
+    with dask.config.set({**dask_config, "distributed.nanny.pre-spawn-environ": worker_environ()}):
         cluster = await LocalCluster(
             n_workers=n_workers,
             threads_per_worker=1,
