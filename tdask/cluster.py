@@ -120,8 +120,20 @@ async def start_embedded_cluster(
 
 
 def cluster_dask_config() -> dict[str, Any]:
-    """tdask's ``embedded-cluster.dask-config``: Dask settings of the embedded cluster's scheduler and workers."""
-    return dict(config.get("embedded-cluster.dask-config", None) or {})
+    """tdask's ``embedded-cluster.dask-config``: Dask settings of the embedded cluster's scheduler and workers,
+    as dotted keys (nested ones too: ``dask.config.set`` would replace a whole subtree such as ``distributed``);
+    a key set to None keeps Dask's own setting, since a config file cannot remove one that tdask.yaml sets."""
+    flat: dict[str, Any] = {}
+
+    def walk(settings: dict[str, Any], prefix: str) -> None:
+        for key, value in settings.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value  # later keys win: a user's file is merged after tdask.yaml
+
+    walk(dict(config.get("embedded-cluster.dask-config", None) or {}), "")
+    return {key: value for key, value in flat.items() if value is not None}
 
 
 def worker_environ() -> dict[str, Any]:

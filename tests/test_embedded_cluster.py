@@ -40,3 +40,18 @@ def test_dask_config_and_environment_reach_the_scheduler_and_workers_added_later
     assert list(out["workers"].values()) == [{"profile": 100, "tick": 200}] * 2, out["workers"]
     assert out["scheduler"]["tick"] == 200, out["scheduler"]
     assert list(out["environ"].values()) == ["67108864"] * 2, out["environ"]
+
+
+def test_dask_config_takes_nested_keys_as_leaves_and_none_as_dasks_own_setting():
+    import dask
+
+    from tdask.cluster import cluster_dask_config
+
+    assert cluster_dask_config() == {"distributed.worker.profile.interval": "100ms",
+                                     "distributed.admin.tick.interval": "200ms"}
+    # a nested form must set the leaf only: applied as given it would replace all of "distributed"
+    nested = {"distributed": {"worker": {"profile": {"interval": "50ms"}}, "admin": {"tick": {"interval": None}}}}
+    with dask.config.set({"tdask.embedded-cluster.dask-config": nested}):
+        assert cluster_dask_config() == {"distributed.worker.profile.interval": "50ms"}
+    with dask.config.set({"tdask.embedded-cluster.dask-config.distributed.admin.tick.interval": None}):
+        assert cluster_dask_config() == {"distributed.worker.profile.interval": "100ms"}
