@@ -21,15 +21,24 @@ logger = logging.getLogger(__name__)
 _ids = itertools.count()
 
 
-async def read_messages(comm: Any, handle: Callable[[Any], None]) -> None:
-    """Hand every message of ``comm`` to ``handle`` until it ends (raises CommClosedError). A plain-socket
-    stream hands small ones over from its readiness callback (:meth:`~tdask.socket_comm.SocketComm.serve`)."""
+async def read_messages(comm: Any, handle: Callable[[dict[str, Any]], None]) -> None:
+    """Hand every message of ``comm`` to ``handle``, one at a time (a writer's batch arrives as a list), until
+    it ends (raises CommClosedError). A plain-socket stream hands small ones over from its readiness callback
+    (:meth:`~tdask.socket_comm.SocketComm.serve`)."""
+
+    def each(msgs: Any) -> None:
+        if isinstance(msgs, (list, tuple)):
+            for msg in msgs:
+                handle(msg)
+        else:
+            handle(msgs)
+
     serve = getattr(comm, "serve", None)
     if serve is not None:
-        await serve(handle)
+        await serve(each)
     else:
         while True:
-            handle(await comm.read())  # not held while the next one is awaited: its regions would stay taken
+            each(await comm.read())  # not held while the next one is awaited: its regions would stay taken
 
 
 def error_from_wire(err: dict[str, Any]) -> Exception:
@@ -133,13 +142,10 @@ class WorkerStream:
         self.fail_all(ReplicaUnavailableError(
             f"lost connection to worker {self.address} ({reason}); the request may or may not have run"))
 
-    def _answered(self, msgs: Any) -> None:
-        if not isinstance(msgs, (list, tuple)):
-            msgs = (msgs,)
-        for msg in msgs:
-            fut = self.pending.pop(msg.get("id"), None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+    def _answered(self, msg: dict[str, Any]) -> None:
+        fut = self.pending.pop(msg.get("id"), None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
 
     def fail_all(self, error: Exception) -> None:
         pending, self.pending = self.pending, {}

@@ -152,23 +152,20 @@ class WorkerService:
         self.streams.add(sender)
         tasks: set[asyncio.Task] = set()
 
-        def dispatch(msgs: Any) -> None:
-            if not isinstance(msgs, (list, tuple)):
-                msgs = (msgs,)
-            for msg in msgs:
-                op = msg.get("op")
-                if op == "infer":
-                    task = asyncio.ensure_future(self._serve(msg, sender))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                elif op == "fetch":
-                    sender.send(self._fetched(msg))
-                elif op == "release":
-                    self.store.release(msg.get("keys", []))
-                elif op == "close-stream":
-                    raise _StreamEnded
-                else:
-                    logger.warning("tdask stream: unknown op %r from %s", op, comm.peer_address)
+        def dispatch(msg: dict[str, Any]) -> None:
+            op = msg.get("op")
+            if op == "infer":
+                task = asyncio.ensure_future(self._serve(msg, sender))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            elif op == "fetch":
+                sender.send(self._fetched(msg))
+            elif op == "release":
+                self.store.release(msg.get("keys", []))
+            elif op == "close-stream":
+                raise _StreamEnded
+            else:
+                logger.warning("tdask stream: unknown op %r from %s", op, comm.peer_address)
 
         try:
             await read_messages(comm, dispatch)

@@ -87,7 +87,7 @@ class SocketComm:
         self._landing = landing  # where a large frame is received, when not into a buffer of its own
         self._writing = asyncio.Lock()  # the stream's writer and this comm's own acks take turns
         self._tail: memoryview | None = None  # what a synchronous send left unsent: it goes out before all else
-        self._tail_task: asyncio.Task | None = None
+        self._tail_task: asyncio.Task | None = None  # held here: the loop keeps only a weak reference to a task
         self.peer_shares_memory = False  # the peer said hello with our host identity: frames may be lent
         self._lent: dict[int, tuple[memoryview, shm_frames.Lendable]] = {}  # token -> frame held until acked
         self._tokens = 0

@@ -48,11 +48,8 @@ class CoalescingWriter:
         self._flushing = False
         if self._task is not None or not self.buffer or self.closed:
             return
-        batch, self.buffer = self.buffer, []
-        self.batches += 1
-        self.messages += len(batch)
         try:
-            encoded = self._try_write(batch)
+            encoded = self._try_write(self._take())
         except Exception as e:  # noqa: BLE001 - the writer stops, as when a write in _drain fails
             self._stopped(e)
             return
@@ -64,14 +61,18 @@ class CoalescingWriter:
             if encoded is not None:  # a batch try_write could not send at once
                 await self.comm.write_encoded(encoded)
             while self.buffer:
-                batch, self.buffer = self.buffer, []
-                self.batches += 1
-                self.messages += len(batch)
-                await self.comm.write(batch, on_error="raise")
+                await self.comm.write(self._take(), on_error="raise")
         except Exception as e:  # noqa: BLE001 - see _stopped
             self._stopped(e)
         finally:
             self._task = None
+
+    def _take(self) -> list[Any]:
+        """The queued messages, as one batch to write."""
+        batch, self.buffer = self.buffer, []
+        self.batches += 1
+        self.messages += len(batch)
+        return batch
 
     def _stopped(self, error: Exception) -> None:
         """A write failed: a closed comm is expected (the peer went away), anything else is logged."""
