@@ -15,8 +15,7 @@ from distributed.protocol import to_serialize
 from tdask import config, shm_frames
 from tdask.connection import error_from_wire, read_messages
 from tdask.errors import InvalidRequestError, PlacementError, ReplicaUnavailableError, TdaskError
-from tdask.shm_regions import frame_pool
-from tdask.socket_comm import SocketListener, socket_stream_wanted
+from tdask.socket_comm import IN_PLACE, InPlace, SocketListener, socket_stream_wanted
 from tdask.store import OutputStore
 from tdask.tensors import TensorRef, from_wire, inline_threshold, is_array, nbytes, to_wire
 from tdask.writer import CoalescingWriter
@@ -205,13 +204,14 @@ class WorkerService:
             logger.info("request streams on tcp://%s", self._socket_listener.address)
         return {"port": self._socket_listener.port}
 
-    async def landing(self, nbytes: int) -> memoryview | None:
+    async def landing(self, nbytes: int) -> memoryview | InPlace | None:
         """Where a large frame of a request stream is received: a region of this worker's Triton server,
         when it has exactly one (a caller's 8 MB tensor, or one fetched from another worker, is then the
-        model's input where it lies); else a region of the frame pool, from where it can be lent on to
-        the next worker or back to the caller."""
+        model's input where it lies); else in place (``IN_PLACE``: a lent frame is mapped where it lies,
+        any other lands in the frame pool), from where it can be lent on to the next worker or back to the
+        caller without a copy."""
         if len(self._triton_clients) != 1:
-            return frame_pool().lease(nbytes) if shm_frames.wanted() else None
+            return IN_PLACE if shm_frames.wanted() else None
         (client,) = self._triton_clients.values()
         try:
             return await client.landing(nbytes)

@@ -29,9 +29,11 @@ messages: a count word with ``_CONTROL`` set, a payload length, the payload.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import struct
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -47,7 +49,18 @@ from tdask.shm_regions import frame_pool
 
 logger = logging.getLogger(__name__)
 
-Landing = Callable[[int], Awaitable["memoryview | None"]]  # room for a large frame of this many bytes, or None
+
+
+class InPlace:
+    def __repr__(self) -> str:
+        return "IN_PLACE"
+
+
+IN_PLACE = InPlace()
+"""What a landing gives for a frame on a worker that passes frames on: a lent frame is mapped where it lies
+(:meth:`shm_frames._Mappings.borrow`), and one sent through the socket lands in the frame pool; either can be
+lent on to the next worker or back to a caller without a copy."""
+Landing = Callable[[int], Awaitable["memoryview | InPlace | None"]]  # room for a large frame of this many bytes
 
 _U64 = struct.Struct("<Q")
 _LOAN = struct.Struct("<QQQ")  # a lent frame: token, offset, size; then the region's name
@@ -94,6 +107,7 @@ class SocketComm:
         self._acks: list[int] = []
         self._acking: asyncio.Task | None = None
         self._borrowed_from: set[str] = set()  # the peer's regions mapped here
+        self._thread = threading.get_ident()  # the loop's: a loan mapped here may be returned from any thread
         set_tcp_timeout(self)  # a silent peer is dropped as on Dask's comms (distributed.comm.timeouts.tcp)
 
     def __repr__(self) -> str:
@@ -217,6 +231,8 @@ class SocketComm:
     async def _room(self, n: int) -> memoryview:
         """Where a large frame of ``n`` bytes is received: where this comm lands them, else a buffer of its own."""
         frame = await self._landing(n) if self._landing is not None else None
+        if frame is IN_PLACE:
+            frame = frame_pool().lease(n)
         return memoryview(host_array(n)) if frame is None else frame
 
     async def _large(self, n: int) -> memoryview:
@@ -360,7 +376,8 @@ class SocketComm:
             raise self._malformed(f"control message {kind} of {size} bytes")
 
     async def _borrowed(self, n: int) -> memoryview:
-        """A frame the peer lent: copied out of its region (into where large frames land), then acknowledged."""
+        """A frame the peer lent: copied out of its region (into where large frames land) and acknowledged,
+        or mapped where it lies (a landing that says IN_PLACE) and acknowledged once its last view is gone."""
         if not self.peer_shares_memory or not _LOAN.size < n <= _LOAN.size + 255:
             raise self._malformed("a lent frame on a stream that shares no memory" if not self.peer_shares_memory
                                   else f"a {n}-byte loan")
@@ -370,16 +387,39 @@ class SocketComm:
             name = loan[_LOAN.size:].decode()
             if offset + nbytes > shm_frames.mappings.size(name):  # checked before room is made for it
                 raise ValueError(f"{nbytes} bytes at {offset} lie beyond the region {name!r}")
-            frame = await self._room(nbytes)
-            shm_frames.mappings.copy(name, offset, nbytes, frame)
+            room = await self._landing(nbytes) if self._landing is not None else None
+            if room is IN_PLACE:
+                frame = shm_frames.mappings.borrow(name, offset, nbytes, functools.partial(self._returned, token))
+                token = None  # acknowledged by _returned
+            else:
+                frame = memoryview(host_array(nbytes)) if room is None else room
+                shm_frames.mappings.copy(name, offset, nbytes, frame)
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise self._malformed(f"its lent frame cannot be read ({e})") from e
         self._borrowed_from.add(name)
         shm_frames.counts["borrowed"] += 1
+        if token is not None:
+            self._ack(token)
+        return frame
+
+    def _returned(self, token: int) -> None:
+        """The last view of a loan mapped here is gone (in any thread): acknowledge it on the loop."""
+        if self._closed:
+            return  # the peer retired the region when the stream broke
+        if threading.get_ident() == self._thread:
+            self._loop.call_soon(self._ack, token)  # not now: this can be a collection in the middle of anything
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._ack, token)
+        except RuntimeError:  # the loop is closed, and with it the stream
+            pass
+
+    def _ack(self, token: int) -> None:
+        if self._closed:
+            return
         self._acks.append(token)
         if self._acking is None:
             self._acking = asyncio.ensure_future(self._send_acks())
-        return frame
 
     async def _send_acks(self) -> None:
         try:
@@ -418,6 +458,8 @@ class SocketComm:
             shm_frames.counts["staged"] += 1
         else:
             region, offset = found
+            if isinstance(region, shm_frames.Borrowed):
+                shm_frames.counts["relent"] += 1
         self._tokens += 1
         self._lent[self._tokens] = (view, region)
         shm_frames.counts["lent"] += 1

@@ -617,6 +617,81 @@ def test_a_tensor_is_sent_through_the_socket_when_the_frame_pool_is_full() -> No
     assert asyncio.run(scenario()) > 1_600_000  # the tensor's bytes went through the socket
 
 
+def test_a_relay_maps_a_lent_frame_in_place_lends_it_on_by_the_lenders_name_and_returns_it_when_done() -> None:
+    """A -> B -> C, B's landing saying IN_PLACE (a worker that only passes frames on): B maps A's frame
+    instead of copying it, C is lent A's region itself, and A gets its frame back only once C has read it and
+    B dropped its view. A frame B wrote to is not lent by A's name (A's region does not hold what B sees):
+    it is copied and lent from B's frame pool."""
+    import gc
+
+    from tdask import shm_frames
+    from tdask.socket_comm import IN_PLACE
+
+    async def in_place(nbytes: int):
+        return IN_PLACE
+
+    async def until(condition, what: str) -> None:
+        for _ in range(200):
+            if condition():
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(what)
+
+    async def scenario() -> None:
+        region = _region()
+        relay = SocketListener("127.0.0.1", 0, (relayed := asyncio.Queue()).put, in_place)
+        try:
+            async with _listening() as (sink, accepted):
+                a, b_in = await _pair(relay, relayed)
+                b_out, c = await _pair(sink, accepted)
+                a_reads = asyncio.ensure_future(a.read())  # A takes its acks on its reads
+                b_reads = asyncio.ensure_future(b_out.read())
+                try:
+                    x = region.view(np.int64, [200_000], 4096 + 8)  # not at a page's start
+                    x[:] = np.arange(200_000)
+                    before = dict(shm_frames.counts)
+                    await a.write({"x": to_serialize(x)})
+                    got = (await asyncio.wait_for(b_in.read(), 10))["x"]
+                    assert shm_frames.counts["mapped"] - before["mapped"] == 1
+                    assert got.flags.writeable and not np.shares_memory(got, x)
+                    np.testing.assert_array_equal(got, np.arange(200_000))
+                    wire = await b_out.write({"x": to_serialize(got)})
+                    assert wire < 1024  # lent on, not sent
+                    assert shm_frames.counts["relent"] - before["relent"] == 1
+                    assert shm_frames.counts["staged"] == before["staged"]  # and not copied first
+                    np.testing.assert_array_equal((await asyncio.wait_for(c.read(), 10))["x"], np.arange(200_000))
+                    await until(lambda: not b_out._lent, "C did not acknowledge B's loan")
+                    await asyncio.sleep(0.1)
+                    assert len(a._lent) == 1  # B still holds a view of A's frame
+                    del got
+                    gc.collect()
+                    await until(lambda: not a._lent, "B did not give A's frame back when its view went")
+
+                    await a.write({"x": to_serialize(x)})
+                    got = (await asyncio.wait_for(b_in.read(), 10))["x"]
+                    got[0] = -7  # B's own page now: A's region does not hold it
+                    before = dict(shm_frames.counts)
+                    await b_out.write({"x": to_serialize(got)})
+                    assert shm_frames.counts["relent"] == before["relent"]
+                    assert shm_frames.counts["staged"] - before["staged"] == 1
+                    seen = (await asyncio.wait_for(c.read(), 10))["x"]
+                    assert seen[0] == -7 and x[0] == 0
+                    np.testing.assert_array_equal(seen[1:], np.arange(1, 200_000))
+                    del got
+                    gc.collect()
+                    await until(lambda: not a._lent, "B did not give A's second frame back")
+                finally:
+                    a_reads.cancel()
+                    b_reads.cancel()
+                    for comm in (a, b_in, b_out, c):
+                        comm.abort()
+        finally:
+            relay.close()
+            region.destroy()
+
+    asyncio.run(scenario())
+
+
 def test_a_loan_that_names_anything_but_a_tdask_region_ends_the_stream() -> None:
     from tdask.socket_comm import _LENT, _LOAN, _U64
 
