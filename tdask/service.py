@@ -204,15 +204,17 @@ class WorkerService:
             logger.info("request streams on tcp://%s", self._socket_listener.address)
         return {"port": self._socket_listener.port}
 
-    async def landing(self, nbytes: int) -> memoryview | InPlace | None:
-        """Where a large frame of a request stream is received: a region of this worker's Triton server,
-        when it has exactly one (a caller's 8 MB tensor, or one fetched from another worker, is then the
-        model's input where it lies); else in place (``IN_PLACE``: a lent frame is mapped where it lies,
-        any other lands in the frame pool), from where it can be lent on to the next worker or back to the
-        caller without a copy."""
+    async def landing(self, nbytes: int, lent: bool = False) -> memoryview | InPlace | None:
+        """Where a large frame of a request stream is received. Lent by another process of this host, it is
+        mapped where it lies (``IN_PLACE``): this worker's Triton server reads it from there, or it is lent on
+        to the next worker or back to the caller. Sent through the socket, it lands in a region of this
+        worker's Triton server when it has exactly one (a caller's tensor is then the model's input where
+        it arrived), else in the frame pool, from where it can be lent on."""
         if len(self._triton_clients) != 1:
             return IN_PLACE if shm_frames.wanted() else None
         (client,) = self._triton_clients.values()
+        if lent and client.reads_lent_frames(nbytes):  # (only peers that share memory lend)
+            return IN_PLACE
         try:
             return await client.landing(nbytes)
         except Exception:  # noqa: BLE001 - e.g. the server is restarting: the frame gets a buffer of its own

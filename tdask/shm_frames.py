@@ -81,6 +81,16 @@ def find(view: memoryview) -> tuple[Lendable, int] | None:
     return None
 
 
+def find_borrowed(array: np.ndarray) -> tuple[Borrowed, int] | None:
+    """The peer's frame mapped here that holds all of ``array``, unwritten, and the offset in its region."""
+    for region in tuple(_regions):
+        if isinstance(region, Borrowed):
+            offset = region.holds(array)
+            if offset is not None:
+                return region, offset
+    return None
+
+
 @functools.cache
 def host_identity() -> bytes:
     """Equal in two processes only when they see the same ``/dev/shm`` files with the same rights."""

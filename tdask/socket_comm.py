@@ -57,10 +57,12 @@ class InPlace:
 
 
 IN_PLACE = InPlace()
-"""What a landing gives for a frame on a worker that passes frames on: a lent frame is mapped where it lies
-(:meth:`shm_frames._Mappings.borrow`), and one sent through the socket lands in the frame pool; either can be
-lent on to the next worker or back to a caller without a copy."""
-Landing = Callable[[int], Awaitable["memoryview | InPlace | None"]]  # room for a large frame of this many bytes
+"""What a landing gives where a frame is best not copied: a lent frame is mapped where it lies
+(:meth:`shm_frames._Mappings.borrow`), and one sent through the socket lands in the frame pool. Either can be
+lent on to the next worker or back to a caller without a copy, and a Triton server can read a mapped one
+where it lies (:mod:`tdask.triton_peers`)."""
+# room for a large frame of this many bytes; whether the peer lent it (else it comes through the socket)
+Landing = Callable[[int, bool], Awaitable["memoryview | InPlace | None"]]
 
 _U64 = struct.Struct("<Q")
 _LOAN = struct.Struct("<QQQ")  # a lent frame: token, offset, size; then the region's name
@@ -230,7 +232,7 @@ class SocketComm:
 
     async def _room(self, n: int) -> memoryview:
         """Where a large frame of ``n`` bytes is received: where this comm lands them, else a buffer of its own."""
-        frame = await self._landing(n) if self._landing is not None else None
+        frame = await self._landing(n, False) if self._landing is not None else None
         if frame is IN_PLACE:
             frame = frame_pool().lease(n)
         return memoryview(host_array(n)) if frame is None else frame
@@ -387,7 +389,7 @@ class SocketComm:
             name = loan[_LOAN.size:].decode()
             if offset + nbytes > shm_frames.mappings.size(name):  # checked before room is made for it
                 raise ValueError(f"{nbytes} bytes at {offset} lie beyond the region {name!r}")
-            room = await self._landing(nbytes) if self._landing is not None else None
+            room = await self._landing(nbytes, True) if self._landing is not None else None
             if room is IN_PLACE:
                 frame = shm_frames.mappings.borrow(name, offset, nbytes, functools.partial(self._returned, token))
                 token = None  # acknowledged by _returned

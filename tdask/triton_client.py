@@ -41,6 +41,7 @@ from tdask import config
 from tdask.errors import InvalidRequestError, TritonError
 from tdask.shm_regions import Region, size_class
 from tdask.triton_http import InputRegion, OutputRegion, TritonHttp, triton_error
+from tdask.triton_peers import PeerRegions
 from tdask.triton_server import POOL_SHM_PREFIX, SHM_DIR
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,8 @@ class TritonModelClient:
         self._ratio: dict[tuple[str, str, str], float] = {}
         self.shm_calls = 0
         self.shm_inputs_in_place = 0  # inputs that were already in a region of this server: not copied
+        self.shm_inputs_from_peers = 0  # of those, inputs read where another process lent them from
+        self._peers: PeerRegions | None = None
         self._shm_threshold = int(config.get("triton.shared-memory-threshold") or 0)  # read once, not per call
 
     @property
@@ -223,6 +226,16 @@ class TritonModelClient:
             self._pool = _RegionPool(self.client, int(config.get("triton.shared-memory-pool-bytes")))
         return self._pool
 
+    def reads_lent_frames(self, nbytes: int) -> bool:
+        """Whether a tensor of ``nbytes`` that another process lends is best mapped where it lies: this
+        server then reads it from the lender's region (:mod:`tdask.triton_peers`), not from a copy."""
+        return 0 < self._shm_threshold <= nbytes and int(config.get("triton.peer-regions-bytes")) > 0
+
+    def _peer_regions(self) -> PeerRegions:
+        if self._peers is None:
+            self._peers = PeerRegions(self.client, int(config.get("triton.peer-regions-bytes")))
+        return self._peers
+
     async def landing(self, nbytes: int) -> memoryview | None:
         """Room for a tensor of ``nbytes`` that is about to arrive, in a leased region of this server:
         received there, it is a model's input in place (no copy into a region). None below the
@@ -269,52 +282,61 @@ class TritonModelClient:
         sized = {name for name, var in outs if var}  # variable-size outputs: their size is learnt
         variable = sized if known is not None else set()
         out_capacity = _aligned(int(in_bytes * ratio) + _ALIGN)
-        in_place = {name: pool.find(array) for name, _, array in typed}  # an earlier output: no copy
-        copied = sum(_aligned(a.nbytes) for name, _, a in typed if in_place[name] is None)
-        region = await pool.acquire(copied + out_capacity * len(variable))
-        lease = region.lease(pool)  # the region is back in the pool once the last output viewing it is gone
+        in_regions: dict[str, InputRegion] = {}
+        peers = []  # lenders' regions read in place: kept registered until the call ends
         try:
-            offset = 0
-            in_regions: dict[str, InputRegion] = {}
             for name, _, array in typed:
-                found = in_place[name]
+                found = pool.find(array)  # an earlier output: no copy
                 if found is not None:
                     in_regions[name] = InputRegion(found[0].name, found[1])
-                    self.shm_inputs_in_place += 1
-                else:
-                    region.view(array.dtype, list(array.shape), offset)[...] = array
-                    in_regions[name] = InputRegion(region.name, offset)
-                    offset += _aligned(array.nbytes)
-            out_regions: dict[str, OutputRegion] = {}
-            for name, _ in outs:
-                if name in variable:
-                    out_regions[name] = OutputRegion(region.name, out_capacity, offset,
-                                                     functools.partial(_view, lease, offset))
-                    offset += out_capacity
-            names = [name for name, _ in outs]
+                elif (lent := await self._peer_regions().use(array)) is not None:  # another process lent it
+                    peers.append(lent[0])
+                    in_regions[name] = InputRegion(lent[0].registered_as, lent[1])
+                    self.shm_inputs_from_peers += 1
+            self.shm_inputs_in_place += len(in_regions)
+            copied = sum(_aligned(a.nbytes) for name, _, a in typed if name not in in_regions)
+            region = await pool.acquire(copied + out_capacity * len(variable))
+            lease = region.lease(pool)  # the region is back in the pool once the last output viewing it is gone
             try:
-                arrays = await self._http.infer(model, model_version, request_id, typed, parameters, names,
-                                                in_regions=in_regions, out_regions=out_regions)
-            except TritonError as e:
-                if "shared memory" not in str(e) or not variable:
-                    raise
-                # An output did not fit its region: the model ran, its output is lost.
-                self._learn(key, ratio * 4)
-                if not idempotent:
-                    raise TritonError(
-                        f"{model}: an output was larger than the {out_capacity}-byte shared-memory region sized "
-                        f"from earlier requests with these parameters, so Triton could not return it; the model "
-                        f"ran, and is not run again because its operator is not idempotent (set "
-                        f"idempotent=True to allow that). Later requests get a larger region.") from e
-                logger.info("%s: output larger than %d bytes; running it again with outputs in the message",
-                            model, out_capacity)
-                arrays = await self._http.infer(model, model_version, request_id, typed, parameters, names)
-            self._learn(key, max((arrays[name].nbytes for name in sized if name in arrays), default=0) / in_bytes)
-            self.shm_calls += 1
-            return arrays
-        except BaseException:
-            region.reusable = False  # the server may still write into it: do not reuse
-            raise
+                offset = 0
+                for name, _, array in typed:
+                    if name not in in_regions:
+                        region.view(array.dtype, list(array.shape), offset)[...] = array
+                        in_regions[name] = InputRegion(region.name, offset)
+                        offset += _aligned(array.nbytes)
+                out_regions: dict[str, OutputRegion] = {}
+                for name, _ in outs:
+                    if name in variable:
+                        out_regions[name] = OutputRegion(region.name, out_capacity, offset,
+                                                         functools.partial(_view, lease, offset))
+                        offset += out_capacity
+                names = [name for name, _ in outs]
+                try:
+                    arrays = await self._http.infer(model, model_version, request_id, typed, parameters, names,
+                                                    in_regions=in_regions, out_regions=out_regions)
+                except TritonError as e:
+                    if "shared memory" not in str(e) or not variable:
+                        raise
+                    # An output did not fit its region: the model ran, its output is lost.
+                    self._learn(key, ratio * 4)
+                    if not idempotent:
+                        raise TritonError(
+                            f"{model}: an output was larger than the {out_capacity}-byte shared-memory region "
+                            f"sized from earlier requests with these parameters, so Triton could not return it; "
+                            f"the model ran, and is not run again because its operator is not idempotent (set "
+                            f"idempotent=True to allow that). Later requests get a larger region.") from e
+                    logger.info("%s: output larger than %d bytes; running it again with outputs in the message",
+                                model, out_capacity)
+                    arrays = await self._http.infer(model, model_version, request_id, typed, parameters, names)
+                self._learn(key, max((arrays[name].nbytes for name in sized if name in arrays), default=0) / in_bytes)
+                self.shm_calls += 1
+                return arrays
+            except BaseException:
+                region.reusable = False  # the server may still write into it: do not reuse
+                raise
+        finally:
+            for peer in peers:
+                self._peers.done(peer)  # type: ignore[union-attr]
 
     def _learn(self, key: tuple[str, str, str], ratio: float) -> None:
         self._ratio[key] = max(self._ratio.pop(key, 0.0), ratio)  # re-inserted: the newest are kept
@@ -323,6 +345,9 @@ class TritonModelClient:
 
     async def close(self) -> None:
         await self._http.close()
+        if self._peers is not None:
+            peers, self._peers = self._peers, None
+            await peers.close()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()

@@ -21,7 +21,8 @@ def relay_state(dask_worker=None) -> dict:
             "borrowed_now": sum(isinstance(r, shm_frames.Borrowed) for r in tuple(shm_frames._regions)),
             "pool_leased": frame_pool().leased_bytes,
             "triton_leased": sum(region.leased for client in service._triton_clients.values()
-                                 for region in (client._pool.all if client._pool is not None else ()))}
+                                 for region in (client._pool.all if client._pool is not None else ())),
+            "from_peers": sum(client.shm_inputs_from_peers for client in service._triton_clients.values())}
 
 
 async def triton_successes(infos: list[dict], operator: str) -> int:
@@ -70,14 +71,14 @@ def test_a_python_operator_alone_on_its_worker_relays_large_tensors_without_copy
                         await asyncio.sleep(0.5)  # the last acknowledgements
                         after = await client.run(relay_state)
                     runs = [await triton_successes(infos, op) - n for op, n in zip(ops, runs, strict=True)]
-                    relay = where["encoder_decoder"]
-                    return before[relay], after[relay], after, frame_pool().leased_bytes, runs
+                    return before, after, where, frame_pool().leased_bytes, runs
                 finally:
                     await deployment.stop()
         finally:
             await cluster.close()
 
-    before, after, every, caller_leased, runs = loop.run(scenario(), timeout=300)
+    before_all, every, where, caller_leased, runs = loop.run(scenario(), timeout=300)
+    before, after = before_all[where["encoder_decoder"]], every[where["encoder_decoder"]]
     moved = {key: after["counts"][key] - before["counts"][key] for key in after["counts"]}
     assert after["triton"] == 0  # the relay's worker serves no Triton model
     assert moved["mapped"] == 12 and moved["borrowed"] == 12, moved  # the input, the decoder's answer
@@ -87,3 +88,10 @@ def test_a_python_operator_alone_on_its_worker_relays_large_tensors_without_copy
     assert after["borrowed_now"] == 0  # each mapping went with its last view, and its loan was returned
     assert all(s["pool_leased"] == 0 and s["triton_leased"] == 0 for s in every.values()), every
     assert caller_leased == 0
+    # the encoder's Triton read each caller's input from the caller's region, the decoder's each encoder output
+    # from the encoder worker's: the two workers mapped them, neither copied one
+    for op in ("encoder", "decoder"):
+        w = where[op]
+        counts = {key: every[w]["counts"][key] - before_all[w]["counts"][key] for key in every[w]["counts"]}
+        assert counts["mapped"] == 6 and counts["borrowed"] == 6, (op, counts)
+        assert every[w]["from_peers"] - before_all[w]["from_peers"] == 6, op

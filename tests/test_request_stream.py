@@ -77,7 +77,7 @@ def test_large_frames_are_received_where_the_listener_lands_them_small_ones_neve
     asked: list[int] = []
     rooms: list[np.ndarray] = []
 
-    async def landing(nbytes: int) -> memoryview | None:
+    async def landing(nbytes: int, lent: bool) -> memoryview | None:
         asked.append(nbytes)
         if nbytes == 3_200_000:  # no room for this one
             return None
@@ -627,7 +627,7 @@ def test_a_relay_maps_a_lent_frame_in_place_lends_it_on_by_the_lenders_name_and_
     from tdask import shm_frames
     from tdask.socket_comm import IN_PLACE
 
-    async def in_place(nbytes: int):
+    async def in_place(nbytes: int, lent: bool):
         return IN_PLACE
 
     async def until(condition, what: str) -> None:

@@ -214,7 +214,7 @@ def stand_in_server(root: Path, script: str) -> Path:
 
 
 def _leased(client: TritonModelClient) -> int:
-    return sum(region.leased for region in client._pool.all)
+    return sum(region.leased for region in client._pool.all) if client._pool is not None else 0
 
 
 def _in_region(client: TritonModelClient, array: np.ndarray) -> bool:
@@ -280,6 +280,63 @@ def test_a_tensor_received_into_a_landing_region_is_a_models_input_in_place(env:
     del received
     assert _leased(env.client) == leased - 1
     del out
+
+
+def test_a_tensor_another_process_lent_is_read_where_it_lies_and_its_region_dropped_once_gone(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large tensor mapped from another process's region (what a worker makes of a lent frame) is the
+    model's input there: the server registers that region and reads it in place, not from a copy in its own
+    regions. The loan is returned once nothing views the tensor; a tensor written to after it was mapped is
+    copied (the region no longer holds what it shows); the registration goes once the region's owner
+    removed the region."""
+    import uuid
+
+    import tdask.triton_peers
+    from tdask import shm_frames
+    from tdask.shm_regions import Region
+    from tdask.triton_server import POOL_SHM_PREFIX
+
+    monkeypatch.setattr(tdask.triton_peers, "_SWEEP_EVERY", 0.2)
+    lender = Region(f"{POOL_SHM_PREFIX}{os.getpid()}_lender{uuid.uuid4().hex[:8]}", 16 << 20)
+    x = np.random.default_rng(9).integers(-(2**40), 2**40, 1_000_000, dtype=np.int64)
+    offset = 3 * 4096 + 64  # where the lender put it: not at a page's start
+    lender.view(np.int64, [x.size], offset)[:] = x
+    returned: list[int] = []
+
+    def mapped() -> np.ndarray:
+        view = shm_frames.mappings.borrow(lender.name, offset, x.nbytes, lambda: returned.append(1))
+        return np.ndarray(x.shape, x.dtype, buffer=view)
+
+    def registered() -> set[str]:
+        status = env.run(env.client.client.get_system_shared_memory_status(as_json=True))
+        return set(status.get("regions", {}))
+
+    try:
+        lent = mapped()
+        from_peers, in_place = env.client.shm_inputs_from_peers, env.client.shm_inputs_in_place
+        out = env.infer("encoder", lent)
+        np.testing.assert_array_equal(out["output"], ~np.repeat(x, 2))
+        assert env.client.shm_inputs_from_peers - from_peers == 1
+        assert env.client.shm_inputs_in_place - in_place == 1
+        assert f"peer_{lender.name}" in registered()
+        del lent
+        assert returned == [1]
+
+        written = mapped()
+        written[0] = 12345  # this process's own page now: the lender's region does not hold it
+        out2 = env.infer("encoder", written)
+        assert out2["output"][0] == out2["output"][1] == ~12345
+        np.testing.assert_array_equal(out2["output"][2:], ~np.repeat(x[1:], 2))
+        assert env.client.shm_inputs_from_peers - from_peers == 1  # copied, not read from the lender
+        del written, out, out2
+    finally:
+        lender.destroy()  # the owner removes its region: the server's registration of it goes too
+    for _ in range(100):
+        if f"peer_{lender.name}" not in registered():
+            break
+        env.run(asyncio.sleep(0.1))
+    assert f"peer_{lender.name}" not in registered()
+    assert env.client._peers.registered == []
 
 
 def test_a_full_dev_shm_is_a_clear_error_not_a_crashed_worker(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
