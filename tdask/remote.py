@@ -26,7 +26,7 @@ from tdask.errors import (
 )
 from tdask.registry import ROOT, operator_key, pick_version
 from tdask.routing import choose_replica
-from tdask.socket_comm import Landing
+from tdask.socket_comm import Landing, caller_landing
 from tdask.store import fetch_kept
 from tdask.tensors import TensorRef, check_request_size, check_tensor, from_wire, to_wire
 
@@ -412,7 +412,8 @@ async def connect(address: str | Client | None = None, *, security: Any = None) 
     async def lookup(keys: list[str]) -> Any:
         return await client.get_metadata(keys, default=None)
 
-    return Session(lookup, client.rpc, dict(client.connection_args), client=client, owns_client=owns)
+    return Session(lookup, client.rpc, dict(client.connection_args), client=client, owns_client=owns,
+                   landing=caller_landing)
 
 
 def worker_session(worker: Any) -> Session:

@@ -19,8 +19,9 @@ fetched from the worker that produced it, is Triton's input where it lies.
 Between processes that share ``/dev/shm`` (both ends say so in a *hello* when the stream opens; the
 opening end waits for the listener's), a large frame that lies in a tdask shared-memory region of the
 sender is *lent* (:mod:`tdask.shm_frames`): its length word carries ``_LENT`` and the wire carries the
-region's name, offset and size; the receiver copies it from there and acknowledges it in an *ack*, and the
-sender holds the frame until then. A frame of 1 MiB or more that lies in no region (a caller's tensor) is
+region's name, offset and size; the receiver copies it from there, or maps it where it lies (a landing that
+says ``IN_PLACE``), and acknowledges it in an *ack* once copied or once its mapping is gone; the sender holds
+the frame until then. A frame of 1 MiB or more that lies in no region (a caller's tensor) is
 first copied into a region of the sender's frame pool (:mod:`tdask.shm_regions`) and lent from there: two
 copies of memory cost less CPU than the socket's path through the kernel. Hello and ack are control
 messages: a count word with ``_CONTROL`` set, a payload length, the payload.
@@ -61,6 +62,15 @@ IN_PLACE = InPlace()
 (:meth:`shm_frames._Mappings.borrow`), and one sent through the socket lands in the frame pool. Either can be
 lent on to the next worker or back to a caller without a copy, and a Triton server can read a mapped one
 where it lies (:mod:`tdask.triton_peers`)."""
+
+
+async def caller_landing(nbytes: int, lent: bool) -> InPlace | None:
+    """A caller maps an answer lent to it where it lies instead of copying it (the worker's region stays
+    taken until the caller drops the answer, up to ``tdask.transfer.mapped-frames-bytes``); one sent through
+    the socket gets a buffer of its own."""
+    return IN_PLACE if lent else None
+
+
 # room for a large frame of this many bytes; whether the peer lent it (else it comes through the socket)
 Landing = Callable[[int, bool], Awaitable["memoryview | InPlace | None"]]
 
@@ -390,11 +400,12 @@ class SocketComm:
             if offset + nbytes > shm_frames.mappings.size(name):  # checked before room is made for it
                 raise ValueError(f"{nbytes} bytes at {offset} lie beyond the region {name!r}")
             room = await self._landing(nbytes, True) if self._landing is not None else None
-            if room is IN_PLACE:
+            if room is IN_PLACE and shm_frames.mappings.may_borrow(nbytes):
                 frame = shm_frames.mappings.borrow(name, offset, nbytes, functools.partial(self._returned, token))
                 token = None  # acknowledged by _returned
-            else:
-                frame = memoryview(host_array(nbytes)) if room is None else room
+            else:  # copied: where a frame sent through the socket would land, when it could not be mapped
+                frame = await self._room(nbytes) if room is IN_PLACE else room
+                frame = memoryview(host_array(nbytes)) if frame is None else frame
                 shm_frames.mappings.copy(name, offset, nbytes, frame)
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise self._malformed(f"its lent frame cannot be read ({e})") from e

@@ -37,61 +37,78 @@ async def triton_successes(infos: list[dict], operator: str) -> int:
     return sum(int(m["inference_stats"]["success"].get("count", 0)) for m in stats.get("model_stats", []))
 
 
-def test_a_python_operator_alone_on_its_worker_relays_large_tensors_without_copying_them(loop):
-    """encoder_decoder's worker maps the caller's input and the decoder's answer where they lie and lends
-    them on by their owners' names: every 1.6 MB tensor of six requests is mapped there and lent on, none is
-    copied into its frame pool; Triton ran each model exactly six times; and once the answers are in, every
-    loan came back (no region of any process is still leased, nothing is still mapped)."""
+def test_deploys_layout_moves_large_tensors_with_no_copy_in_any_worker_and_returns_every_loan(loop):
+    """Six 1.6 MB requests through encoder_decoder in deploy's layout. encoder_decoder's worker (no Triton
+    server) maps the caller's input and the decoder's answer where they lie and lends them on by their
+    owners' names; the encoder's and the decoder's Triton servers read their inputs from the lenders' regions;
+    the caller maps its answers too. No worker copies a tensor, and Triton ran each model exactly six times.
+    While the caller holds its answers, the decoder's regions that hold them stay taken; once it drops
+    them, every loan comes back: no region of any process is leased, nothing is mapped."""
     from distributed import Client
 
     import tdask
-    from tdask import Deployment
+    from tdask import Deployment, shm_frames
     from tdask.cluster import start_embedded_cluster
     from tdask.shm_regions import frame_pool
 
-    async def scenario() -> tuple[dict, dict, dict, int, list[int]]:
+    async def scenario() -> dict:
         cluster = await start_embedded_cluster(n_workers=3, scheduler_port=0, dashboard_address=":0")
         try:
             async with Client(cluster.scheduler_address, asynchronous=True, direct_to_workers=True) as client:
                 deployment = Deployment(client, hello_world_configs(encoder_replicas=1), supervise=False)
                 infos = await deployment.start()
                 try:
-                    where = {i["name"]: i["worker"] for i in infos}
-                    assert len(set(where.values())) == 3, where  # one worker each, as deploy places them
-                    before = await client.run(relay_state)
+                    out: dict = {"where": {i["name"]: i["worker"] for i in infos}}
+                    out["before"] = await client.run(relay_state)
+                    caller_before = dict(shm_frames.counts)
                     ops = ("encoder", "decoder")
                     runs = [await triton_successes(infos, op) for op in ops]
                     async with await tdask.connect(client) as session:
                         op = await session.operator("encoder_decoder")
+                        held = []
                         for i in range(6):
                             x = np.arange(200_000, dtype=np.int64) * (i + 1)
-                            result = await op.infer({"input": x})
-                            np.testing.assert_array_equal(result["output"], x)
-                        del result
+                            held.append((await op.infer({"input": x}))["output"])
+                            np.testing.assert_array_equal(held[-1], x)
+                        await asyncio.sleep(0.5)
+                        out["holding"] = await client.run(relay_state)
+                        out["caller_mapped"] = shm_frames.counts["mapped"] - caller_before["mapped"]
+                        out["caller_holds"] = shm_frames.mappings.borrowed_bytes
+                        del held
                         await asyncio.sleep(0.5)  # the last acknowledgements
-                        after = await client.run(relay_state)
-                    runs = [await triton_successes(infos, op) - n for op, n in zip(ops, runs, strict=True)]
-                    return before, after, where, frame_pool().leased_bytes, runs
+                        out["after"] = await client.run(relay_state)
+                    out["runs"] = [await triton_successes(infos, op) - n for op, n in zip(ops, runs, strict=True)]
+                    out["caller_leased"] = frame_pool().leased_bytes
+                    out["caller_held_after"] = shm_frames.mappings.borrowed_bytes
+                    return out
                 finally:
                     await deployment.stop()
         finally:
             await cluster.close()
 
-    before_all, every, where, caller_leased, runs = loop.run(scenario(), timeout=300)
-    before, after = before_all[where["encoder_decoder"]], every[where["encoder_decoder"]]
-    moved = {key: after["counts"][key] - before["counts"][key] for key in after["counts"]}
-    assert after["triton"] == 0  # the relay's worker serves no Triton model
-    assert moved["mapped"] == 12 and moved["borrowed"] == 12, moved  # the input, the decoder's answer
-    assert moved["relent"] == 12 and moved["lent"] == 12, moved  # on to the encoder, back to the caller
-    assert moved["staged"] == 0 and moved["sent"] == 0, moved  # no copy, nothing through the socket
-    assert runs == [6, 6]
-    assert after["borrowed_now"] == 0  # each mapping went with its last view, and its loan was returned
-    assert all(s["pool_leased"] == 0 and s["triton_leased"] == 0 for s in every.values()), every
-    assert caller_leased == 0
-    # the encoder's Triton read each caller's input from the caller's region, the decoder's each encoder output
-    # from the encoder worker's: the two workers mapped them, neither copied one
-    for op in ("encoder", "decoder"):
+    out = loop.run(scenario(), timeout=300)
+    where, before, after = out["where"], out["before"], out["after"]
+    assert len(set(where.values())) == 3, where  # one worker each, as deploy places them
+    assert out["runs"] == [6, 6]
+
+    def moved(op: str) -> dict:
         w = where[op]
-        counts = {key: every[w]["counts"][key] - before_all[w]["counts"][key] for key in every[w]["counts"]}
+        return {key: after[w]["counts"][key] - before[w]["counts"][key] for key in after[w]["counts"]}
+
+    relay = moved("encoder_decoder")
+    assert after[where["encoder_decoder"]]["triton"] == 0  # the relay's worker serves no Triton model
+    assert relay["mapped"] == 12 and relay["borrowed"] == 12, relay  # the input, the decoder's answer
+    assert relay["relent"] == 12 and relay["lent"] == 12, relay  # on to the encoder, back to the caller
+    assert relay["staged"] == 0 and relay["sent"] == 0, relay  # no copy, nothing through the socket
+    for op in ("encoder", "decoder"):  # the caller's input, the encoder's output: read where they lie
+        counts = moved(op)
         assert counts["mapped"] == 6 and counts["borrowed"] == 6, (op, counts)
-        assert every[w]["from_peers"] - before_all[w]["from_peers"] == 6, op
+        assert after[where[op]]["from_peers"] - before[where[op]]["from_peers"] == 6, op
+    assert out["caller_mapped"] == 6 and out["caller_holds"] >= 6 * 1_600_000
+    # each answer the caller holds keeps the decoder's region that holds it taken: five Triton regions, and
+    # for the first (its size not known yet, it came in Triton's message) a 2 MiB region of the frame pool
+    holding = out["holding"][where["decoder"]]
+    assert holding["triton_leased"] == 5 and holding["pool_leased"] == 2 << 20, holding
+    assert all(s["borrowed_now"] == 0 for s in after.values()), after  # each mapping went with its last view
+    assert all(s["pool_leased"] == 0 and s["triton_leased"] == 0 for s in after.values()), after
+    assert out["caller_leased"] == 0 and out["caller_held_after"] == 0

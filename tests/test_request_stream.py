@@ -621,10 +621,12 @@ def test_a_relay_maps_a_lent_frame_in_place_lends_it_on_by_the_lenders_name_and_
     """A -> B -> C, B's landing saying IN_PLACE (a worker that only passes frames on): B maps A's frame
     instead of copying it, C is lent A's region itself, and A gets its frame back only once C has read it and
     B dropped its view. A frame B wrote to is not lent by A's name (A's region does not hold what B sees):
-    it is copied and lent from B's frame pool."""
+    it is copied and lent from B's frame pool. Past tdask.transfer.mapped-frames-bytes, B copies what it is
+    lent into its frame pool and returns it at once."""
     import gc
 
     from tdask import shm_frames
+    from tdask.shm_regions import frame_pool
     from tdask.socket_comm import IN_PLACE
 
     async def in_place(nbytes: int, lent: bool):
@@ -680,6 +682,16 @@ def test_a_relay_maps_a_lent_frame_in_place_lends_it_on_by_the_lenders_name_and_
                     del got
                     gc.collect()
                     await until(lambda: not a._lent, "B did not give A's second frame back")
+
+                    with dask.config.set({"tdask.transfer.mapped-frames-bytes": x.nbytes - 1}):  # over the cap
+                        before = dict(shm_frames.counts)
+                        await a.write({"x": to_serialize(x)})
+                        got = (await asyncio.wait_for(b_in.read(), 10))["x"]
+                        assert shm_frames.counts["mapped"] == before["mapped"]  # copied, into B's frame pool
+                        found = shm_frames.find(memoryview(got))
+                        assert found is not None and found[0].name.startswith(frame_pool().prefix)
+                        await until(lambda: not a._lent, "A's frame, copied, was not acknowledged at once")
+                        np.testing.assert_array_equal(got, np.arange(200_000))
                 finally:
                     a_reads.cancel()
                     b_reads.cancel()
