@@ -51,8 +51,9 @@ from tdask.shm_regions import frame_pool
 logger = logging.getLogger(__name__)
 
 
-
 class InPlace:
+    """The type of :data:`IN_PLACE`."""
+
     def __repr__(self) -> str:
         return "IN_PLACE"
 
@@ -419,11 +420,11 @@ class SocketComm:
         """The last view of a loan mapped here is gone (in any thread): acknowledge it on the loop."""
         if self._closed:
             return  # the peer retired the region when the stream broke
-        if threading.get_ident() == self._thread:
-            self._loop.call_soon(self._ack, token)  # not now: this can be a collection in the middle of anything
-            return
         try:
-            self._loop.call_soon_threadsafe(self._ack, token)
+            if threading.get_ident() == self._thread:
+                self._loop.call_soon(self._ack, token)  # not now: this can be a collection amid anything
+            else:
+                self._loop.call_soon_threadsafe(self._ack, token)
         except RuntimeError:  # the loop is closed, and with it the stream
             pass
 

@@ -229,7 +229,7 @@ class TritonModelClient:
     def reads_lent_frames(self, nbytes: int) -> bool:
         """Whether a tensor of ``nbytes`` that another process lends is best mapped where it lies: this
         server then reads it from the lender's region (:mod:`tdask.triton_peers`), not from a copy."""
-        return 0 < self._shm_threshold <= nbytes and int(config.get("triton.peer-regions-bytes")) > 0
+        return 0 < self._shm_threshold <= nbytes and int(config.lookup("triton", "peer-regions-bytes")) > 0
 
     def _peer_regions(self) -> PeerRegions:
         if self._peers is None:
