@@ -71,22 +71,13 @@ def unregister(region: Lendable) -> None:
     _regions.discard(region)
 
 
-def find(view: memoryview) -> tuple[Lendable, int] | None:
-    """The registered region that holds all of ``view``, and the offset there."""
+def find(view: memoryview, kind: type = object) -> tuple[Lendable, int] | None:
+    """The registered region (of type ``kind``) that holds all of ``view``, and the offset there."""
     if not _regions or not view.c_contiguous:
         return None
     array = np.frombuffer(view, dtype=np.uint8)
     for region in tuple(_regions):  # a copy: regions of the frame pool come and go in any thread
-        offset = region.holds(array)
-        if offset is not None:
-            return region, offset
-    return None
-
-
-def find_borrowed(array: np.ndarray) -> tuple[Borrowed, int] | None:
-    """The peer's frame mapped here that holds all of ``array``, unwritten, and the offset in its region."""
-    for region in tuple(_regions):
-        if isinstance(region, Borrowed):
+        if isinstance(region, kind):
             offset = region.holds(array)
             if offset is not None:
                 return region, offset
@@ -168,10 +159,11 @@ class _Mappings:
         """``nbytes`` at ``offset`` of the peer's region ``name``, mapped here copy-on-write instead of copied;
         ``returned()`` runs (in whatever thread drops it) once the last view of it is gone, unless a stream
         that lent it on broke first (:meth:`Borrowed.retire`)."""
-        fd = self._descriptor(name)
+        size = len(self._mapping(name))  # checks the name, opens the region and keeps it open
+        fd = self._maps[name][0]
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        if offset < 0 or nbytes <= 0 or offset + nbytes > os.fstat(fd).st_size:
-            raise ValueError(f"a peer lent {nbytes} bytes at {offset} of {name!r}, which is smaller")
+        if offset < 0 or nbytes <= 0 or offset + nbytes > size:
+            raise ValueError(f"a peer lent {nbytes} bytes at {offset} of {name!r}, which has {size}")
         mapping = mmap.mmap(fd, offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
         whole = memoryview(mapping)
         borrowed = Borrowed(name, start, _address(whole), len(mapping))
@@ -183,13 +175,11 @@ class _Mappings:
         return whole[offset - start:offset - start + nbytes]
 
     def _returned(self, borrowed: Borrowed, callback: Callable[[], None]) -> None:
+        unregister(borrowed)
         with self._borrowed_lock:
             self.borrowed_bytes -= borrowed.size
-        borrowed.returned(callback)
-
-    def _descriptor(self, name: str) -> int:
-        self._mapping(name)  # checks the name, opens the region and keeps it open
-        return self._maps[name][0]
+        if not borrowed.retired:
+            callback()
 
     def discard(self, names: set[str]) -> None:
         for name in names & self._maps.keys():
@@ -237,11 +227,6 @@ class Borrowed:
     def retire(self) -> None:
         """A peer that this was lent on to may still read the lender's region: never say it is returned."""
         self.retired = True
-
-    def returned(self, callback: Callable[[], None]) -> None:
-        unregister(self)
-        if not self.retired:
-            callback()
 
 
 _PAGE = mmap.PAGESIZE

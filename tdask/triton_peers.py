@@ -57,7 +57,7 @@ class PeerRegions:
         written here, or one the server cannot register)."""
         if self.closed or not array.flags.c_contiguous:
             return None
-        found = shm_frames.find_borrowed(array)
+        found = shm_frames.find(array.data, shm_frames.Borrowed)
         if found is None or found[0].name in self._refused:
             return None
         borrowed, offset = found
