@@ -159,12 +159,15 @@ def plot(path: Path, results: dict[str, Any]) -> Path:
     scaling = results.get("scaling", [])
     ncols = len(sizes) + (1 if scaling else 0)
     fig, axes = plt.subplots(2, max(1, ncols), figsize=(5.2 * max(1, ncols), 8), squeeze=False)
-    colors = {"direct": "tab:gray", "tdask_pipeline": "tab:blue", "tdask_chained": "tab:orange"}
+    colors = {"direct": "tab:gray", "tdask_pipeline": "tab:blue", "tdask_chained": "tab:orange",
+              "tdask_pipeline_deploy_layout": "tab:green"}
     for col, size in enumerate(sizes):
         mine = [c for c in cells if c["size"] == size]
         conc = sorted({c["concurrency"] for c in mine})
         ax_t, ax_l = axes[0][col], axes[1][col]
         for system, color in colors.items():
+            if not any(system in c["systems"] for c in mine):
+                continue
             thr, p50, p99 = [], [], []
             for c in conc:
                 cell = next(x for x in mine if x["concurrency"] == c)

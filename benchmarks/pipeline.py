@@ -10,9 +10,12 @@ One run, one machine, the same ``operators/triton_core_models`` with the same in
   cluster, on one worker (``--workers 1``, one Triton server like direct) or one worker each
   (``--workers 3``, deploy's placement); requests go to ``encoder_decoder``.
 * ``tdask_chained``: the caller passes the encoder's future into the decoder call.
+* ``tdask_pipeline_deploy_layout``: the pipeline again, placed as ``python -m deploy`` places it by default
+  (encoder, decoder and encoder_decoder on a worker each), on an embedded cluster of its own that lives beside
+  the main one while the cells run (``--no-deploy-layout``: not measured; not with ``--workers 3``).
 
-Cells are measured interleaved (direct, pipeline, chained, repeated ``--rounds`` times) so the
-ratios come from the same conditions. Then scaling (1..N replicas of encoder, decoder and
+Cells are measured interleaved (direct, pipeline, chained, deploy's layout, repeated ``--rounds`` times) so
+the ratios come from the same conditions. Then scaling (1..N replicas of encoder, decoder and
 encoder_decoder on one worker per core, each model sleeping ``--scaling-delay-ms`` per request)
 and a memory run (peak RSS per process).
 """
@@ -21,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,8 @@ from benchmarks.common import RESULTS, CpuBusy, Measurement, environment, int_li
 ROOT = Path(__file__).resolve().parent.parent
 OPERATORS = ROOT / "operators"
 MODELS = OPERATORS / "triton_core_models"
-SYSTEMS = ("direct", "tdask_pipeline", "tdask_chained")
+DEPLOY_LAYOUT = "tdask_pipeline_deploy_layout"
+DEPLOY_WORKERS = 3  # deploy's default placement: encoder, decoder and encoder_decoder on a worker each
 
 Call = Callable[[np.ndarray], Awaitable[None]]
 
@@ -56,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes of the main deployment: 1 co-locates encoder, decoder and "
                         "encoder_decoder (one Triton server, like direct); 3 gives each its own worker "
                         "(deploy's default placement)")
+    p.add_argument("--deploy-layout", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"also measure the pipeline with deploy's default placement ({DEPLOY_LAYOUT}: a "
+                        f"cluster of {DEPLOY_WORKERS} workers beside the main one, in the same interleaved cells)")
     p.add_argument("--instances", type=int, default=2,
                    help="Triton model instances of encoder and decoder (both sides)")
     p.add_argument("--max-inflight", type=int, default=16, help="tdask max in-flight per encoder/decoder replica")
@@ -93,6 +101,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.output is None:
         args.output = str(RESULTS / ("pipeline-smoke.json" if smoke else "pipeline.json"))
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    args.deploy_layout = args.deploy_layout and args.workers != DEPLOY_WORKERS  # else the main one is it
     return args
 
 
@@ -272,21 +281,24 @@ class RssSampler:
 
 
 # -- the run ------------------------------------------------------------------------------
-async def measure_cells(args: argparse.Namespace, direct: Direct, td: Tdask) -> list[dict[str, Any]]:
+async def measure_cells(args: argparse.Namespace, direct: Direct, td: Tdask,
+                        deploy_layout: Tdask | None = None) -> list[dict[str, Any]]:
     calls = {"direct": direct.call, "tdask_pipeline": td.call_pipeline, "tdask_chained": td.call_chained}
+    if deploy_layout is not None:
+        calls[DEPLOY_LAYOUT] = deploy_layout.call_pipeline
     cells = []
     for size in args.sizes:
         x = np.arange(size, dtype=np.int64)
-        for system in SYSTEMS:  # warm-up: connections, first-call costs
-            await run_load(calls[system], x, 1, requests=2)
+        for call in calls.values():  # warm-up: connections, first-call costs
+            await run_load(call, x, 1, requests=2)
         for conc in args.concurrency:
-            ms = {s: Measurement(s) for s in SYSTEMS}
+            ms = {s: Measurement(s) for s in calls}
             for _ in range(args.rounds):
-                for system in SYSTEMS:
-                    ms[system].add(*await run_load(calls[system], x, conc, duration=args.duration))
+                for system, call in calls.items():
+                    ms[system].add(*await run_load(call, x, conc, duration=args.duration))
             systems = {s: m.summary() for s, m in ms.items()}
             d = systems["direct"]
-            for s in ("tdask_pipeline", "tdask_chained"):
+            for s in list(calls)[1:]:
                 systems[s]["throughput_ratio"] = ratio(systems[s]["throughput"], d["throughput"])
                 systems[s]["p50_ratio"] = ratio(systems[s]["p50_ms"], d["p50_ms"])
                 systems[s]["p50_overhead_ms"] = (round(systems[s]["p50_ms"] - d["p50_ms"], 3)
@@ -298,6 +310,33 @@ async def measure_cells(args: argparse.Namespace, direct: Direct, td: Tdask) -> 
                 f"{s} {v['throughput']}/s p50 {v['p50_ms']} ms errors {v['errors']}" for s, v in systems.items()),
                 flush=True)
     return cells
+
+
+@contextlib.asynccontextmanager
+async def deployed(args: argparse.Namespace, n_workers: int) -> AsyncIterator[Tdask]:
+    """The hello-world deployment on an embedded cluster of ``n_workers`` of its own, for as long as it is used."""
+    from distributed import Client
+
+    import tdask
+    from tdask import Deployment
+    from tdask.cluster import start_embedded_cluster
+
+    cluster = await start_embedded_cluster(n_workers=n_workers, scheduler_port=0, dashboard_address=":0",
+                                           silence_logs=logging.ERROR)
+    try:
+        async with Client(cluster.scheduler_address, asynchronous=True, direct_to_workers=True) as client:
+            deployment = Deployment(client, tdask_configs(args.instances, args.max_inflight,
+                                                          args.pipeline_max_inflight))
+            await deployment.start()
+            try:
+                async with await tdask.connect(client) as session:
+                    td = Tdask(session)
+                    await td.setup()
+                    yield td
+            finally:
+                await deployment.stop()
+    finally:
+        await cluster.close()
 
 
 async def measure_scaling(args: argparse.Namespace, client: Any, direct_server: Any) -> list[dict[str, Any]]:
@@ -350,8 +389,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     import dask.config
     from distributed import Client
 
-    import tdask
-    from tdask import Deployment
     from tdask.cluster import start_embedded_cluster, worker_environ
     from tdask.triton_server import TritonServer
 
@@ -365,7 +402,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "environment": environment(),
         "settings": {
             "sizes": args.sizes, "concurrency": args.concurrency, "duration_s": args.duration,
-            "rounds": args.rounds, "workers": args.workers, "instances": args.instances,
+            "rounds": args.rounds, "workers": args.workers,
+            "deploy_layout_workers": DEPLOY_WORKERS if args.deploy_layout else None,
+            "instances": args.instances,
             "max_inflight": args.max_inflight,
             "pipeline_max_inflight": args.pipeline_max_inflight, "scaling": args.scaling,
             "scaling_delay_ms_per_model": args.scaling_delay_ms, "scaling_concurrency": "4 x replicas",
@@ -377,40 +416,32 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     # the same allocator settings as tdask's Triton servers, which inherit them from their worker
     direct_server = TritonServer(MODELS, environ=worker_environ())
-    n_workers = args.workers
-    cluster = None
     try:
         await direct_server.start()
         await load_direct_models(direct_server, args.instances)
-        cluster = await start_embedded_cluster(n_workers=n_workers, scheduler_port=0, dashboard_address=":0",
-                                               silence_logs=logging.ERROR)
-        async with Client(cluster.scheduler_address, asynchronous=True, direct_to_workers=True) as client:
-            if "cells" not in args.skip or "memory" not in args.skip:
-                deployment = Deployment(client, tdask_configs(args.instances, args.max_inflight,
-                                                              args.pipeline_max_inflight))
-                await deployment.start()
-                session = await tdask.connect(client)
-                direct = Direct(direct_server.grpc_url)
-                try:
-                    td = Tdask(session)
-                    await td.setup()
+        if "cells" not in args.skip or "memory" not in args.skip:
+            direct = Direct(direct_server.grpc_url)
+            try:
+                async with deployed(args, args.workers) as td:
                     if "cells" not in args.skip:
-                        results["cells"] = await measure_cells(args, direct, td)
-                    if "memory" not in args.skip:
+                        async with contextlib.AsyncExitStack() as stack:
+                            other = (await stack.enter_async_context(deployed(args, DEPLOY_WORKERS))
+                                     if args.deploy_layout else None)
+                            results["cells"] = await measure_cells(args, direct, td, other)
+                    if "memory" not in args.skip:  # the deploy-layout cluster is gone: every process here is measured
                         results["memory"] = await measure_memory(args, td, direct_server.pid)
-                finally:
-                    await direct.close()
-                    await session.close()
-                    await deployment.stop()
-            if "scaling" not in args.skip:
-                wanted = args.scaling_workers or min(max(args.scaling), os.cpu_count() or 1)
-                if wanted > args.workers:
-                    cluster.scale(wanted)
-                    await client.wait_for_workers(wanted, timeout=300)
-                results["scaling"] = await measure_scaling(args, client, direct_server)
+            finally:
+                await direct.close()
+        if "scaling" not in args.skip:
+            cluster = await start_embedded_cluster(n_workers=results["settings"]["scaling_workers"],
+                                                   scheduler_port=0, dashboard_address=":0",
+                                                   silence_logs=logging.ERROR)
+            try:
+                async with Client(cluster.scheduler_address, asynchronous=True, direct_to_workers=True) as client:
+                    results["scaling"] = await measure_scaling(args, client, direct_server)
+            finally:
+                await cluster.close()
     finally:
-        if cluster is not None:
-            await cluster.close()
         await direct_server.stop()
     results["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     return results
@@ -433,8 +464,7 @@ def report(results: dict[str, Any]) -> str:
     parts = []
     rows = []
     for cell in results["cells"]:
-        for system in SYSTEMS:
-            s = cell["systems"][system]
+        for system, s in cell["systems"].items():
             rows.append({"size": cell["size"], "conc": cell["concurrency"], "system": system, **s})
     if rows:
         parts.append(print_table(rows, [

@@ -22,12 +22,12 @@ def test_benchmark_smoke_run_writes_every_cell(tmp_path):
     expected = {(size, c) for size in settings["sizes"] for c in settings["concurrency"]}
     assert {(c["size"], c["concurrency"]) for c in results["cells"]} == expected
     for cell in results["cells"]:
-        assert set(cell["systems"]) == {"direct", "tdask_pipeline", "tdask_chained"}
+        assert set(cell["systems"]) == {"direct", "tdask_pipeline", "tdask_chained", "tdask_pipeline_deploy_layout"}
         for name, s in cell["systems"].items():
             assert s["requests"] > 0 and s["errors"] == 0, (cell["size"], cell["concurrency"], name, s)
             for key in ("throughput", "p50_ms", "p99_ms"):
                 assert s[key] is not None and s[key] > 0
-        for name in ("tdask_pipeline", "tdask_chained"):
+        for name in ("tdask_pipeline", "tdask_chained", "tdask_pipeline_deploy_layout"):
             assert cell["systems"][name]["throughput_ratio"] is not None
     assert [row["replicas"] for row in results["scaling"]] == settings["scaling"]
     for row in results["scaling"]:
