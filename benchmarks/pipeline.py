@@ -298,7 +298,7 @@ async def measure_cells(args: argparse.Namespace, direct: Direct, td: Tdask,
                     ms[system].add(*await run_load(call, x, conc, duration=args.duration))
             systems = {s: m.summary() for s, m in ms.items()}
             d = systems["direct"]
-            for s in list(calls)[1:]:
+            for s in [name for name in calls if name != "direct"]:
                 systems[s]["throughput_ratio"] = ratio(systems[s]["throughput"], d["throughput"])
                 systems[s]["p50_ratio"] = ratio(systems[s]["p50_ms"], d["p50_ms"])
                 systems[s]["p50_overhead_ms"] = (round(systems[s]["p50_ms"] - d["p50_ms"], 3)
@@ -313,36 +313,47 @@ async def measure_cells(args: argparse.Namespace, direct: Direct, td: Tdask,
 
 
 @contextlib.asynccontextmanager
-async def deployed(args: argparse.Namespace, n_workers: int) -> AsyncIterator[Tdask]:
-    """The hello-world deployment on an embedded cluster of ``n_workers`` of its own, for as long as it is used."""
+async def embedded_client(n_workers: int) -> AsyncIterator[Any]:
+    """An async client of an embedded cluster of ``n_workers`` of its own, for as long as it is used."""
     from distributed import Client
 
-    import tdask
-    from tdask import Deployment
     from tdask.cluster import start_embedded_cluster
 
     cluster = await start_embedded_cluster(n_workers=n_workers, scheduler_port=0, dashboard_address=":0",
                                            silence_logs=logging.ERROR)
     try:
         async with Client(cluster.scheduler_address, asynchronous=True, direct_to_workers=True) as client:
-            deployment = Deployment(client, tdask_configs(args.instances, args.max_inflight,
-                                                          args.pipeline_max_inflight))
-            await deployment.start()
-            try:
-                async with await tdask.connect(client) as session:
-                    td = Tdask(session)
-                    await td.setup()
-                    yield td
-            finally:
-                await deployment.stop()
+            yield client
     finally:
         await cluster.close()
 
 
-async def measure_scaling(args: argparse.Namespace, client: Any, direct_server: Any) -> list[dict[str, Any]]:
+@contextlib.asynccontextmanager
+async def deployed(client: Any, configs: list[Any]) -> AsyncIterator[Tdask]:
+    """``configs`` deployed on ``client``'s cluster, with a session to call them, for as long as it is used."""
     import tdask
     from tdask import Deployment
 
+    deployment = Deployment(client, configs)
+    await deployment.start()
+    try:
+        async with await tdask.connect(client) as session:
+            td = Tdask(session)
+            await td.setup()
+            yield td
+    finally:
+        await deployment.stop()
+
+
+@contextlib.asynccontextmanager
+async def hello_world(args: argparse.Namespace, n_workers: int) -> AsyncIterator[Tdask]:
+    """The hello-world deployment of the cells on an embedded cluster of ``n_workers`` of its own."""
+    configs = tdask_configs(args.instances, args.max_inflight, args.pipeline_max_inflight)
+    async with embedded_client(n_workers) as client, deployed(client, configs) as td:
+        yield td
+
+
+async def measure_scaling(args: argparse.Namespace, client: Any, direct_server: Any) -> list[dict[str, Any]]:
     delay_s = args.scaling_delay_ms / 1e3 / args.scaling_size
     x = np.arange(args.scaling_size, dtype=np.int64)
     rows = []
@@ -350,26 +361,20 @@ async def measure_scaling(args: argparse.Namespace, client: Any, direct_server: 
         conc = 4 * n
         await load_direct_models(direct_server, n, delay_s)
         direct = Direct(direct_server.grpc_url)
-        deployment = Deployment(client, tdask_configs(1, args.max_inflight, args.pipeline_max_inflight,
-                                                      replicas=n, delay_s=delay_s))
-        await deployment.start()
-        session = await tdask.connect(client)
+        configs = tdask_configs(1, args.max_inflight, args.pipeline_max_inflight, replicas=n, delay_s=delay_s)
         try:
-            td = Tdask(session)
-            await td.setup()
-            ms = {"direct": Measurement("direct"), "tdask_pipeline": Measurement("tdask_pipeline")}
-            cpu = {"direct": CpuBusy(), "tdask_pipeline": CpuBusy()}
-            calls = {"direct": direct.call, "tdask_pipeline": td.call_pipeline}
-            for call in calls.values():
-                await run_load(call, x, conc, requests=conc)
-            for _ in range(args.rounds):
-                for system, call in calls.items():
-                    cpu[system].start()
-                    ms[system].add(*await run_load(call, x, conc, duration=args.duration))
-                    cpu[system].stop()
+            async with deployed(client, configs) as td:
+                ms = {"direct": Measurement("direct"), "tdask_pipeline": Measurement("tdask_pipeline")}
+                cpu = {"direct": CpuBusy(), "tdask_pipeline": CpuBusy()}
+                calls = {"direct": direct.call, "tdask_pipeline": td.call_pipeline}
+                for call in calls.values():
+                    await run_load(call, x, conc, requests=conc)
+                for _ in range(args.rounds):
+                    for system, call in calls.items():
+                        cpu[system].start()
+                        ms[system].add(*await run_load(call, x, conc, duration=args.duration))
+                        cpu[system].stop()
         finally:
-            await session.close()
-            await deployment.stop()
             await direct.close()
         systems = {s: {**m.summary(), "cpu_busy": cpu[s].fraction} for s, m in ms.items()}
         systems["tdask_pipeline"]["throughput_ratio"] = ratio(systems["tdask_pipeline"]["throughput"],
@@ -387,9 +392,8 @@ async def measure_scaling(args: argparse.Namespace, client: Any, direct_server: 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     import dask.config
-    from distributed import Client
 
-    from tdask.cluster import start_embedded_cluster, worker_environ
+    from tdask.cluster import worker_environ
     from tdask.triton_server import TritonServer
 
     # Triton's Python stub takes its site-packages from the first python3 on PATH.
@@ -422,10 +426,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if "cells" not in args.skip or "memory" not in args.skip:
             direct = Direct(direct_server.grpc_url)
             try:
-                async with deployed(args, args.workers) as td:
+                async with hello_world(args, args.workers) as td:
                     if "cells" not in args.skip:
                         async with contextlib.AsyncExitStack() as stack:
-                            other = (await stack.enter_async_context(deployed(args, DEPLOY_WORKERS))
+                            other = (await stack.enter_async_context(hello_world(args, DEPLOY_WORKERS))
                                      if args.deploy_layout else None)
                             results["cells"] = await measure_cells(args, direct, td, other)
                     if "memory" not in args.skip:  # the deploy-layout cluster is gone: every process here is measured
@@ -433,14 +437,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 await direct.close()
         if "scaling" not in args.skip:
-            cluster = await start_embedded_cluster(n_workers=results["settings"]["scaling_workers"],
-                                                   scheduler_port=0, dashboard_address=":0",
-                                                   silence_logs=logging.ERROR)
-            try:
-                async with Client(cluster.scheduler_address, asynchronous=True, direct_to_workers=True) as client:
-                    results["scaling"] = await measure_scaling(args, client, direct_server)
-            finally:
-                await cluster.close()
+            async with embedded_client(results["settings"]["scaling_workers"]) as client:
+                results["scaling"] = await measure_scaling(args, client, direct_server)
     finally:
         await direct_server.stop()
     results["wall_seconds"] = round(time.perf_counter() - t_start, 1)

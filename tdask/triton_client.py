@@ -176,6 +176,7 @@ class TritonModelClient:
         self.shm_inputs_from_peers = 0  # of those, inputs read where another process lent them from
         self._peers: PeerRegions | None = None
         self._shm_threshold = int(config.get("triton.shared-memory-threshold") or 0)  # read once, not per call
+        self._peer_limit = int(config.get("triton.peer-regions-bytes") or 0)  # likewise
 
     @property
     def client(self) -> grpcclient.InferenceServerClient:
@@ -229,11 +230,11 @@ class TritonModelClient:
     def reads_lent_frames(self, nbytes: int) -> bool:
         """Whether a tensor of ``nbytes`` that another process lends is best mapped where it lies: this
         server then reads it from the lender's region (:mod:`tdask.triton_peers`), not from a copy."""
-        return 0 < self._shm_threshold <= nbytes and int(config.lookup("triton", "peer-regions-bytes")) > 0
+        return 0 < self._shm_threshold <= nbytes and self._peer_limit > 0
 
     def _peer_regions(self) -> PeerRegions:
         if self._peers is None:
-            self._peers = PeerRegions(self.client, int(config.get("triton.peer-regions-bytes")))
+            self._peers = PeerRegions(self.client, self._peer_limit)
         return self._peers
 
     async def landing(self, nbytes: int) -> memoryview | None:
