@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from distributed.comm import CommClosedError, connect, get_address_host
 
@@ -56,10 +56,12 @@ class WorkerStream:
     call id. Losing the comm fails every pending call with :class:`ReplicaUnavailableError`.
     """
 
-    def __init__(self, address: str, connection_args: dict[str, Any], landing: Landing | None = None) -> None:
+    def __init__(self, address: str, connection_args: dict[str, Any], landing: Landing | None = None,
+                 listener: StreamListener | None = None) -> None:
         self.address = address
         self.connection_args = connection_args
         self.landing = landing  # where large frames of the answers are received (plain-socket streams only)
+        self.listener = listener
         self.pending: dict[int, asyncio.Future] = {}
         self.comm: Any = None
         self.sender: CoalescingWriter | None = None
@@ -141,8 +143,14 @@ class WorkerStream:
             reason = e
         self.fail_all(ReplicaUnavailableError(
             f"lost connection to worker {self.address} ({reason}); the request may or may not have run"))
+        if self.listener is not None:
+            self.listener.lost(self.address)
 
     def _answered(self, msg: dict[str, Any]) -> None:
+        if "op" in msg:  # sent by the worker unasked (a replica asks a lane for its slots back)
+            if self.listener is not None:
+                self.listener.pushed(self.address, msg)
+            return
         fut = self.pending.pop(msg.get("id"), None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
@@ -165,18 +173,28 @@ class WorkerStream:
         self.fail_all(ReplicaUnavailableError(f"stream to {self.address} closed"))
 
 
+class StreamListener(Protocol):
+    """Told what the workers send unasked, and when a stream to one is lost (:class:`tdask.lanes.Lanes`)."""
+
+    def pushed(self, address: str, msg: dict[str, Any]) -> None: ...
+
+    def lost(self, address: str) -> None: ...
+
+
 class StreamPool:
     """One :class:`WorkerStream` per worker address, per caller."""
 
     def __init__(self, connection_args: dict[str, Any], landing: Landing | None = None) -> None:
         self.connection_args = connection_args
         self.landing = landing
+        self.listener: StreamListener | None = None
         self.streams: dict[str, WorkerStream] = {}
 
     def get(self, address: str) -> WorkerStream:
         stream = self.streams.get(address)
         if stream is None:
-            stream = self.streams[address] = WorkerStream(address, self.connection_args, self.landing)
+            stream = self.streams[address] = WorkerStream(address, self.connection_args, self.landing,
+                                                          self.listener)
         return stream
 
     async def close(self) -> None:

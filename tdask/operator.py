@@ -226,6 +226,10 @@ class Operator:
     async def teardown(self) -> None:
         """Release what :meth:`setup` acquired."""
 
+    def lane(self) -> dict[str, Any] | None:
+        """What a caller needs to run requests of this operator itself (:mod:`tdask.lanes`); None: not offered."""
+        return None
+
     def info(self) -> dict[str, Any]:
         """Extra facts shown on the dashboard and printed at deploy time."""
         return {}

@@ -24,6 +24,7 @@ from tdask.errors import (
     ReplicaUnavailableError,
     RequestTimeoutError,
 )
+from tdask.lanes import Lane, LaneClosed, Lanes
 from tdask.registry import ROOT, operator_key, pick_version
 from tdask.routing import choose_replica
 from tdask.socket_comm import Landing, caller_landing
@@ -60,9 +61,12 @@ class InferResult:
         self.worker = worker
         self.request_id = request_id
         self._session = session
-        refs = [v.key for v in outputs.values() if isinstance(v, TensorRef)]
-        if refs:
-            weakref.finalize(self, session._release_threadsafe, worker, refs)
+        kept: dict[str, list[str]] = defaultdict(list)  # by the worker that keeps them (a lane keeps them here)
+        for value in outputs.values():
+            if isinstance(value, TensorRef):
+                kept[value.worker].append(value.key)
+        for where, keys in kept.items():
+            weakref.finalize(self, session._release_threadsafe, where, keys)
 
     def __getitem__(self, name: str) -> Any:
         return self.outputs[name]
@@ -187,6 +191,10 @@ class RemoteOperator:
         self.replicas: dict[str, str] = {r["replica"]: r["worker"] for r in record.get("replicas", [])}
         self._replica_list = list(self.replicas)
         self.idempotent = bool(record.get("config", {}).get("idempotent", False))
+        lanes = self.session.lanes
+        # replicas whose Triton server this process may call itself (tdask.lanes), for small requests
+        self._lane_workers = {worker for worker in self.replicas.values() if lanes.reaches(worker)} \
+            if lanes is not None and lanes.serves(record) else set()
 
     def __repr__(self) -> str:
         return f"<RemoteOperator {self.name} v{self.version}: {len(self.replicas)} replicas>"
@@ -263,7 +271,13 @@ class RemoteOperator:
             msg = {"op": "infer", "replica": replica, "request_id": request_id, "inputs": checked_inputs,
                    "parameters": params, "keep": keep, "output_device": output_device}
             self.outstanding[replica] += 1
-            if self.session.in_process(worker):
+            lane = None
+            if (worker in self._lane_workers and keep is not True and output_device != "gpu"
+                    and self.session.lanes.fits(checked_inputs)):
+                lane = self.session.lanes.take(replica, worker)
+            if lane is not None:
+                call = self._on_lane(lane, msg)
+            elif self.session.in_process(worker):
                 call = local.call_local(msg)  # same process: no comm, no serialization, no copy
             else:
                 msg["inputs"] = {k: to_wire(v) for k, v in checked_inputs.items()}
@@ -299,6 +313,18 @@ class RemoteOperator:
                 raise error
             outputs = {name: from_wire(v) for name, v in reply["outputs"].items()}
             return InferResult(self.session, outputs, replica, worker, request_id)
+
+    async def _on_lane(self, lane: Lane, msg: dict[str, Any]) -> dict[str, Any]:
+        """Run the request on the replica's Triton server from here (:mod:`tdask.lanes`), answered like the
+        replica would; sent to the replica instead when the server refuses the connection (restarted)."""
+        lanes = self.session.lanes
+        try:
+            outputs = await lanes.infer(lane, msg["inputs"], msg["parameters"], msg["request_id"], self.idempotent)
+        except LaneClosed:
+            msg["inputs"] = {k: to_wire(v) for k, v in msg["inputs"].items()}
+            return await self.session.pool.get(lane.worker).call(msg)
+        # outputs a replica would keep on its worker with keep="auto" are kept on this one, where they are
+        return {"outputs": self.session.local_service.encode_outputs(outputs, msg["keep"], serialize=False)}
 
     async def _prepare_inputs(self, inputs: Any, request_id: str) -> dict[str, Any]:
         if inputs is None:
@@ -359,6 +385,7 @@ class Session:
         self._operators: dict[tuple[str, int | None], RemoteOperator] = {}
         self._loop = asyncio.get_running_loop()
         self.local_service: Any = None  # the WorkerService of this process, for a worker's session
+        self.lanes: Lanes | None = None  # a worker's session runs small Triton requests itself where it can
 
     async def operator(self, name: str, version: int | None = None) -> RemoteOperator:
         """The handle to ``name`` at ``version`` (latest when ``None``)."""
@@ -390,6 +417,8 @@ class Session:
             pass
 
     async def close(self) -> None:
+        if self.lanes is not None:
+            await self.lanes.close()
         await self.pool.close()
         if self._owns_client and self.client is not None:
             await self.client.close()
@@ -430,5 +459,7 @@ def worker_session(worker: Any) -> Session:
         # tensors this worker receives from others (answers, fetched outputs) land where its Triton reads them
         session = Session(lookup, worker.rpc, dict(worker.connection_args), landing=service.landing)
         session.local_service = service
+        if config.get("lanes.enabled"):
+            session.lanes = Lanes(session, worker.address)
         worker._tdask_session = session
     return session

@@ -33,6 +33,9 @@ class ReplicaStats:
         self.rejected = 0
         self.inflight = 0
         self.queued = 0
+        self.leased = 0  # slots lent to callers that run requests on this replica's Triton server themselves
+        self.on_lanes = 0  # requests they ran on them (counted in completed and failed too)
+        self.revoked = 0  # slots asked back from them
         # (finished at, seconds); also counts every sample in a cumulative histogram (for /metrics)
         self.latencies: deque[tuple[float, float]] = LatencyLog(maxlen=4096)
 
@@ -43,9 +46,52 @@ class ReplicaStats:
             "rejected": self.rejected,
             "inflight": self.inflight,
             "queued": self.queued,
+            "leased": self.leased,
+            "on_lanes": self.on_lanes,
+            "revoked": self.revoked,
             "latencies": list(self.latencies),
             "latency_histogram": self.latencies.histogram(),
         }
+
+
+class _Slots:
+    """``max_inflight`` slots: taken by requests run here, or lent to a caller's lane (:mod:`tdask.lanes`)."""
+
+    def __init__(self, count: int) -> None:
+        self.free = count
+        self._waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def take_nowait(self) -> bool:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.take_nowait():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed a slot as it was cancelled: pass it on
+                self.give()
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def give(self, count: int = 1) -> None:
+        self.free += count
+        while self.free > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.free -= 1
+                waiter.set_result(None)
 
 
 class Replica:
@@ -69,9 +115,12 @@ class Replica:
         self.max_queue = config.max_queue_size
         if self.max_queue is None:
             self.max_queue = int(tdask_config.get("replica.max-queue-size"))
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: _Slots | None = None
         self._state = "created"
         self._idle: asyncio.Event | None = None
+        # lanes: slots lent per caller's request stream, and how many of them were asked back
+        self._leases: dict[Any, int] = {}
+        self._revoking = 0
 
     # -- life cycle (actor methods, run on the worker's event loop) -------------------
     async def start(self) -> dict[str, Any]:
@@ -80,7 +129,7 @@ class Replica:
 
         # a replica placed again after a worker was SIGKILLed: remove what that worker left on this host
         await asyncio.to_thread(sweep_orphans)
-        self._slots = asyncio.Semaphore(self.config.max_inflight)
+        self._slots = _Slots(self.config.max_inflight)
         self._idle = asyncio.Event()
         self._idle.set()
         cls = self.config.load_class()
@@ -99,12 +148,13 @@ class Replica:
         self._state = "stopping"
         if drain_timeout is None:
             drain_timeout = tdask_config.seconds("replica.drain-timeout")
+        self._revoke(self.stats.leased)  # lanes finish what they run and give their slots back
         if self._idle is not None:
             try:
                 await asyncio.wait_for(self._idle.wait(), drain_timeout)
             except TimeoutError:
-                logger.warning("replica %s: %d requests still running after drain", self.replica_id,
-                               self.stats.inflight + self.stats.queued)
+                logger.warning("replica %s: %d requests still running and %d slots lent after drain",
+                               self.replica_id, self.stats.inflight + self.stats.queued, self.stats.leased)
         self.service.remove_replica(self.replica_id)
         if self.operator is not None:
             await self.operator.teardown()
@@ -122,7 +172,7 @@ class Replica:
         """Requests running or queued here from every caller; ``None`` when not serving."""
         if self._state != "running":
             return None
-        return self.stats.inflight + self.stats.queued
+        return self.stats.inflight + self.stats.queued + self.stats.leased
 
     def get_stats(self) -> dict[str, Any]:
         return {**self.info(), **self.stats.snapshot()}
@@ -133,7 +183,7 @@ class Replica:
         if self._state != "running" or self._slots is None:
             raise ReplicaUnavailableError(f"replica {self.replica_id} of {self.config.name!r} is {self._state}")
         stats = self.stats
-        if stats.queued >= self.max_queue and self._slots.locked():
+        if stats.queued >= self.max_queue and not self._slots.free:
             stats.rejected += 1
             raise OverloadedError(
                 f"operator {self.config.name!r} replica {self.replica_id} is overloaded: "
@@ -144,26 +194,104 @@ class Replica:
         stats.queued += 1
         self._idle.clear()
         try:
-            async with self._slots:
-                stats.queued -= 1
-                stats.inflight += 1
+            if not self._slots.take_nowait():
+                if stats.leased > self._revoking:  # a lane holds slots this request waits for: ask one back
+                    self._revoke(1)
                 try:
-                    outputs = await self._execute(request_id, inputs, parameters)
-                finally:
-                    stats.inflight -= 1
+                    await self._slots.take()
+                except BaseException:
+                    stats.queued -= 1
+                    raise
+            stats.queued -= 1
+            stats.inflight += 1
+            try:
+                outputs = await self._execute(request_id, inputs, parameters)
+            finally:
+                stats.inflight -= 1
+                self._slots.give()
         except BaseException as e:
             stats.failed += 1
             logger.debug("request %s: %s replica %s failed: %r", request_id, self.config.name, self.replica_id, e)
             raise
         finally:
-            if stats.queued == 0 and stats.inflight == 0:
-                self._idle.set()
+            self._check_idle()
         stats.completed += 1
         elapsed = time.perf_counter() - started
         stats.latencies.append((time.time(), elapsed))
         logger.debug("request %s: %s replica %s answered in %.2f ms", request_id, self.config.name,
                      self.replica_id, elapsed * 1e3)
         return outputs
+
+    def _check_idle(self) -> None:
+        stats = self.stats
+        if stats.queued == 0 and stats.inflight == 0 and stats.leased == 0 and self._idle is not None:
+            self._idle.set()
+
+    # -- lanes: slots lent to callers (tdask.lanes) -----------------------------------------
+    def lease(self, holder: Any, wanted: int) -> dict[str, Any]:
+        """Lend up to ``wanted`` free slots to the caller on request stream ``holder`` (never ones a
+        request here waits for), with what it needs to call this replica's Triton server itself."""
+        lane = self.operator.lane() if self.operator is not None and self._state == "running" else None
+        if lane is None:
+            return {"granted": 0, "lane": None}
+        granted = 0
+        while granted < wanted and self._slots.take_nowait():
+            granted += 1
+        if granted:
+            self._leases[holder] = self._leases.get(holder, 0) + granted
+            self.stats.leased += granted
+            self._idle.clear()
+        return {"granted": granted, "lane": lane}
+
+    def give_back(self, holder: Any, count: int, report: dict[str, Any] | None) -> None:
+        """A lane returns ``count`` slots (asked back, idle, or its server went away), with what it ran."""
+        if report:
+            self.take_report(report)
+        count = min(count, self._leases.get(holder, 0))
+        if count <= 0:
+            return
+        self._leases[holder] -= count
+        if not self._leases[holder]:
+            del self._leases[holder]
+        self._returned(count)
+
+    def drop_holder(self, holder: Any) -> None:
+        """The caller's request stream ended: every slot it held is free again."""
+        count = self._leases.pop(holder, 0)
+        if count:
+            self._returned(count)
+
+    def _returned(self, count: int) -> None:
+        self.stats.leased -= count
+        self._revoking = max(0, min(self._revoking - count, self.stats.leased))
+        self._slots.give(count)
+        self._check_idle()
+
+    def take_report(self, report: dict[str, Any]) -> None:
+        """Requests a lane ran on this replica's Triton server: they count here like those run here."""
+        stats = self.stats
+        completed, failed = int(report.get("completed", 0)), int(report.get("failed", 0))
+        stats.completed += completed
+        stats.failed += failed
+        stats.on_lanes += completed + failed
+        for sample in report.get("latencies", ()):
+            stats.latencies.append((float(sample[0]), float(sample[1])))
+
+    def _revoke(self, count: int) -> None:
+        """Ask lanes for ``count`` slots back, from those holding the most first."""
+        from distributed.comm import CommClosedError
+
+        for holder in sorted(self._leases, key=self._leases.get, reverse=True):
+            if count <= 0:
+                return
+            take = min(count, self._leases[holder])
+            try:
+                holder.send({"op": "revoke", "replica": self.replica_id, "slots": take})
+            except CommClosedError:
+                continue  # its stream's end returns them
+            self._revoking += take
+            self.stats.revoked += take
+            count -= take
 
     async def _execute(self, request_id: str, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
         check_request_size(inputs, request_id)

@@ -161,6 +161,8 @@ class WorkerService:
                 sender.send(self._fetched(msg))
             elif op == "release":
                 self.store.release(msg.get("keys", []))
+            elif op in ("lease", "lease-return", "lease-report"):
+                self._lanes(op, msg, sender)
             elif op == "close-stream":
                 raise _StreamEnded
             else:
@@ -172,8 +174,23 @@ class WorkerService:
             pass
         finally:
             self.streams.discard(sender)
+            for replica in self.replicas.values():
+                replica.drop_holder(sender)
             sender.abort()
         return Status.dont_reply
+
+    def _lanes(self, op: str, msg: dict[str, Any], sender: CoalescingWriter) -> None:
+        """A caller's lane (:mod:`tdask.lanes`) asks this worker's replica for slots, returns them, or reports
+        the requests it ran on them."""
+        replica = self.replicas.get(msg.get("replica"))
+        if op == "lease":
+            reply = replica.lease(sender, int(msg.get("slots", 1))) if replica is not None else {"granted": 0}
+            sender.send({**reply, "id": msg.get("id")})
+        elif replica is not None:
+            if op == "lease-return":
+                replica.give_back(sender, int(msg.get("slots", 0)), msg.get("report"))
+            else:
+                replica.take_report(msg.get("report") or {})
 
     def _fetched(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Kept tensors asked for by another worker, answered on the stream it already has to this one
@@ -232,7 +249,7 @@ class WorkerService:
             outputs = await replica.handle(msg.get("request_id", ""), msg.get("inputs") or {},
                                            msg.get("parameters") or {})
             outputs = place_outputs(outputs, msg.get("output_device"))
-            return {"outputs": self._encode_outputs(outputs, msg.get("keep", False), serialize)}
+            return {"outputs": self.encode_outputs(outputs, msg.get("keep", False), serialize)}
         except Exception as e:
             if not isinstance(e, TdaskError):
                 logger.exception("request %s failed", msg.get("request_id"))
@@ -255,7 +272,7 @@ class WorkerService:
         """A request from an operator in this same process: no comm, no (de)serialization."""
         return await self._answer(msg, serialize=False)
 
-    def _encode_outputs(self, outputs: dict[str, Any], keep: bool | str, serialize: bool = True) -> dict[str, Any]:
+    def encode_outputs(self, outputs: dict[str, Any], keep: bool | str, serialize: bool = True) -> dict[str, Any]:
         threshold = inline_threshold()
         encoded = {}
         for name, value in outputs.items():
@@ -276,6 +293,8 @@ class WorkerService:
             ],
             "store": {"tensors": len(self.store), "bytes": self.store.nbytes},
             "triton_restarts": self.triton_restarts,
+            "lanes": lanes.stats() if (lanes := getattr(getattr(self.worker, "_tdask_session", None), "lanes",
+                                                          None)) is not None else {},
         }
 
     # -- kept outputs ----------------------------------------------------------------
@@ -391,6 +410,15 @@ class WorkerService:
         server = self.triton_servers.get(key)
         if server is None:
             raise ReplicaUnavailableError(f"no Triton server for {repository} on worker {self.worker.address}")
+        return server
+
+    def serving_triton_server(self, repository: str) -> TritonServer | None:
+        """The server for ``repository`` if it serves now; None while it is down or being restarted."""
+        key = self._triton_key(repository)
+        ready = self._triton_ready.get(key)
+        server = self.triton_servers.get(key)
+        if server is None or not server.is_alive() or (ready is not None and not ready.is_set()):
+            return None
         return server
 
     def triton_client(self, server: TritonServer) -> TritonModelClient:

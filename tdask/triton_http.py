@@ -149,15 +149,19 @@ class TritonHttp:
         try:
             conn = await self._connection()
         except OSError as e:
-            raise triton_error(model, f"cannot connect to Triton at {self.host}:{self.port}: {e}",
-                               "StatusCode.UNAVAILABLE") from e
+            error = triton_error(model, f"cannot connect to Triton at {self.host}:{self.port}: {e}",
+                                 "StatusCode.UNAVAILABLE")
+            error.connection = "refused"  # type: ignore[attr-defined] - nothing was sent
+            raise error from e
         reusable = False
         try:
             status, headers, body = await conn.request(head, [header, *payloads])
             reusable = headers.get("connection", "").lower() != "close"
         except ConnectionError as e:
-            raise triton_error(model, f"the connection to Triton ended ({e}); the request may or may not have run",
-                               "StatusCode.UNAVAILABLE") from e
+            error = triton_error(model, f"the connection to Triton ended ({e}); the request may or may not have run",
+                                 "StatusCode.UNAVAILABLE")
+            error.connection = "lost"  # type: ignore[attr-defined]
+            raise error from e
         finally:  # a request cancelled mid-way leaves its answer on the connection: never reuse that one
             if reusable:
                 self._idle.append(conn)

@@ -91,6 +91,17 @@ class TritonCoreOperator(Operator):
             await self.service.release_triton_model(self.config.repository, self.config.name,
                                                      instances=self.config.instances)
 
+    def lane(self) -> dict[str, Any] | None:
+        """A CPU model's server, for callers on this host that run small requests on it themselves."""
+        if self._cupy is not None:  # a GPU operator's tensors stay on the device, in this worker
+            return None
+        if type(self).execute is not TritonCoreOperator.execute:  # a subclass's own execute runs here only
+            return None
+        server = self.service.serving_triton_server(self.config.repository)
+        if server is None:
+            return None
+        return {"http": server.http_url, "grpc": server.grpc_url, "server": server.pid, "model": self.config.name}
+
     def info(self) -> dict[str, Any]:
         server = getattr(self, "server", None)
         if server is None:

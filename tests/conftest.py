@@ -84,6 +84,19 @@ def settled_count(read: Callable[[], int], expected: int, timeout: float = 5) ->
     return count
 
 
+async def triton_successes(infos: list[dict], operator: str) -> int:
+    """Successful inferences of ``operator`` in its (one) Triton server, from Triton's own statistics."""
+    import tritonclient.grpc.aio as grpcclient
+
+    (url,) = {i["triton_grpc"] for i in infos if i["name"] == operator}
+    c = grpcclient.InferenceServerClient(url)
+    try:
+        stats = await c.get_inference_statistics(operator, as_json=True)
+    finally:
+        await c.close()
+    return sum(int(m["inference_stats"]["success"].get("count", 0)) for m in stats.get("model_stats", []))
+
+
 def _commands(pids: set[int]) -> list[list[str]]:
     out = []
     for pid in pids:

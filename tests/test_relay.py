@@ -7,7 +7,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from conftest import hello_world_configs
+from conftest import hello_world_configs, triton_successes
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -23,18 +23,6 @@ def relay_state(dask_worker=None) -> dict:
             "triton_leased": sum(region.leased for client in service._triton_clients.values()
                                  for region in (client._pool.all if client._pool is not None else ())),
             "from_peers": sum(client.shm_inputs_from_peers for client in service._triton_clients.values())}
-
-
-async def triton_successes(infos: list[dict], operator: str) -> int:
-    import tritonclient.grpc.aio as grpcclient
-
-    (url,) = {i["triton_grpc"] for i in infos if i["name"] == operator}
-    c = grpcclient.InferenceServerClient(url)
-    try:
-        stats = await c.get_inference_statistics(operator, as_json=True)
-    finally:
-        await c.close()
-    return sum(int(m["inference_stats"]["success"].get("count", 0)) for m in stats.get("model_stats", []))
 
 
 def test_deploys_layout_moves_large_tensors_with_no_copy_in_any_worker_and_returns_every_loan(loop):

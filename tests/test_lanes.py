@@ -1,0 +1,224 @@
+"""Lanes (:mod:`tdask.lanes`): in deploy's layout, encoder_decoder's worker runs small encoder and decoder
+requests on their replicas' Triton servers itself, on slots the replicas lend it and ask back."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import MODELS, OPERATORS, triton_successes
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def service_stats(dask_worker: Any = None) -> dict:
+    return dask_worker.extensions["tdask"].handle_stats()
+
+
+def test_lanes_run_small_requests_from_the_callers_worker_within_the_replicas_slots(loop):
+    """Pipeline requests at concurrency 8 on three workers, the encoder lending at most 2 slots:
+    - every answer is right, and Triton ran each model exactly once per request;
+    - encoder_decoder's worker ran some of them on lanes, and the replicas counted exactly what it ran;
+    - a replica never had more requests running and slots lent than its max in-flight;
+    - a client's own requests to the encoder, sent while lanes held both its slots, were answered while
+      the load still ran: the encoder asked slots back;
+    - once the load stops, every lent slot goes back."""
+    from distributed import Client
+
+    import tdask
+    from tdask import Deployment, OperatorConfig
+    from tdask.cluster import start_embedded_cluster
+
+    configs = [
+        OperatorConfig("encoder", repository=MODELS, max_inflight=2),
+        OperatorConfig("decoder", repository=MODELS, max_inflight=4),
+        OperatorConfig("encoder_decoder", "encoder_decoder:EncoderDecoder", repository=OPERATORS, max_inflight=16),
+    ]
+
+    async def scenario() -> dict:
+        cluster = await start_embedded_cluster(n_workers=3, scheduler_port=0, dashboard_address=":0")
+        try:
+            async with Client(cluster.scheduler_address, asynchronous=True, direct_to_workers=True) as client:
+                async with Deployment(client, configs, supervise=False) as deployment:
+                    infos = deployment.replicas
+                    where = {i["name"]: i["worker"] for i in infos}
+                    assert len(set(where.values())) == 3, where
+                    before = [await triton_successes(infos, op) for op in ("encoder", "decoder")]
+                    async with await tdask.connect(client) as session:
+                        pipeline = await session.operator("encoder_decoder")
+                        encoder = await session.operator("encoder")
+                        rng = np.random.default_rng(1)
+                        wrong, peaks, direct, sent = [], [], [], []
+                        others_done = asyncio.Event()
+
+                        async def drive() -> None:
+                            while not others_done.is_set() or len(sent) < 200:
+                                x = rng.integers(-2**40, 2**40, size=int(rng.integers(0, 2000)))
+                                sent.append(1)
+                                r = await pipeline.infer({"input": x}, {"input_copies": 1 + len(sent) % 3})
+                                if not np.array_equal(r["output"], x):
+                                    wrong.append(x)
+
+                        async def encoder_stats() -> dict:
+                            st = (await client.run(service_stats, workers=[where["encoder"]]))[where["encoder"]]
+                            (r,) = st["replicas"].values()
+                            return r
+
+                        async def watch() -> None:
+                            while not others_done.is_set():
+                                r = await encoder_stats()
+                                peaks.append((r["inflight"] + r["leased"], r["max_inflight"]))
+                                await asyncio.sleep(0.05)
+
+                        async def another_caller() -> None:
+                            try:
+                                while (await encoder_stats())["leased"] < 2:  # lanes hold both slots
+                                    await asyncio.sleep(0.05)
+                                for i in range(10):
+                                    x = np.arange(i + 1)
+                                    r = await encoder.infer({"input": x}, timeout=30)
+                                    direct.append(np.array_equal(r["output"], ~x))
+                            finally:
+                                others_done.set()
+
+                        watcher = asyncio.ensure_future(watch())
+                        await asyncio.gather(*(drive() for _ in range(8)), another_caller())
+                        await watcher
+                        ran = [await triton_successes(infos, op) - b
+                               for op, b in zip(("encoder", "decoder"), before, strict=True)]
+                        n = len(sent)
+                        # the replicas count what lanes ran when they report or give their slots back
+                        for _ in range(100):
+                            stats = await client.run(service_stats)
+                            replicas = {r["name"]: r for st in stats.values() for r in st["replicas"].values()}
+                            if all(replicas[op]["completed"] == n + 10 * (op == "encoder")
+                                   and not replicas[op]["leased"] for op in ("encoder", "decoder")):
+                                break
+                            await asyncio.sleep(0.1)
+                        return {"wrong": wrong, "ran": ran, "n": n, "peaks": peaks, "direct": direct,
+                                "stats": stats, "replicas": replicas, "where": where}
+        finally:
+            await cluster.close()
+
+    out = loop.run(scenario(), timeout=300)
+    n = out["n"]
+    assert out["wrong"] == []
+    assert out["ran"] == [n + 10, n], (out["ran"], n)  # the pipeline's requests, and the client's 10 to the encoder
+    assert out["peaks"] and all(used <= limit for used, limit in out["peaks"]), out["peaks"]
+    assert out["direct"] == [True] * 10, out["direct"]
+    replicas, lanes = out["replicas"], out["stats"][out["where"]["encoder_decoder"]]["lanes"]
+    for op in ("encoder", "decoder"):
+        r = replicas[op]
+        assert r["completed"] == n + 10 * (op == "encoder") and r["failed"] == 0, r
+        assert r["leased"] == 0, r
+        assert 0 < r["on_lanes"] < n, r  # some on lanes, the rest (the first, the overflow) sent to the replica
+        assert lanes["ran"][r["replica"]] == r["on_lanes"], (lanes, r)
+    assert replicas["encoder"]["revoked"] > 0, replicas["encoder"]
+    assert not lanes["held"], lanes
+
+
+def test_lanes_take_only_small_numpy_requests_to_cpu_triton_replicas_of_other_processes_on_this_host():
+    from tdask.lanes import Lanes
+
+    class Session:
+        class pool:  # noqa: N801 - a stand-in with the one attribute Lanes sets
+            listener = None
+
+    lanes = Lanes(Session(), "tcp://127.0.0.1:1")
+    assert lanes.fits({"input": np.zeros(100, np.int64)})
+    assert not lanes.fits({"input": np.zeros(2**13, np.int64)})  # 64 KiB: the shared-memory threshold
+    assert not lanes.fits({"input": np.array(["a"], dtype=object)})
+    assert lanes.reaches("tcp://127.0.0.1:2") and not lanes.reaches("tcp://127.0.0.1:1")
+    assert not lanes.reaches("tcp://10.1.2.3:2") and not lanes.reaches("tls://127.0.0.1:2")
+    assert Lanes.serves({"config": {"implementation": "TritonCoreOperator", "device": "CPU"}})
+    assert not Lanes.serves({"config": {"implementation": "TritonCoreOperator", "device": "GPU"}})
+    assert not Lanes.serves({"config": {"implementation": "encoder_decoder:EncoderDecoder", "device": "CPU"}})
+
+
+class _Stream:
+    def __init__(self, sent: list) -> None:
+        self.sent = sent
+
+    def send(self, msg: dict) -> None:
+        self.sent.append(msg)
+
+
+def _lanes_with_slots(held: int) -> tuple[Any, Any, list]:
+    from tdask.lanes import Lane, Lanes
+
+    sent: list = []
+
+    class Pool:
+        listener = None
+
+        def get(self, address: str) -> _Stream:
+            return _Stream(sent)
+
+    class Session:
+        pool = Pool()
+
+    lanes = Lanes(Session(), "tcp://127.0.0.1:1")
+    lane = Lane("enc-1", "tcp://127.0.0.1:2", {"model": "encoder", "server": 1, "grpc": "127.0.0.1:3",
+                                                "http": "127.0.0.1:4"})
+    lane.held = held
+    lanes._lanes["enc-1"] = lane
+    return lanes, lane, sent
+
+
+def test_a_revoked_lane_returns_idle_slots_at_once_and_busy_ones_as_they_finish():
+    async def main() -> None:
+        lanes, lane, sent = _lanes_with_slots(3)
+        a = lanes.take("enc-1", lane.worker)
+        b = lanes.take("enc-1", lane.worker)
+        assert a is lane and b is lane and lane.free == 1
+        lanes.pushed(lane.worker, {"op": "revoke", "replica": "enc-1", "slots": 2})
+        assert [m["slots"] for m in sent] == [1] and lane.held == 2 and lane.owed == 1 and lane.free == 0
+        assert lanes.take("enc-1", lane.worker) is None  # owed slots are not used again
+        lanes.done(lane, True, 0.001)
+        assert [m["slots"] for m in sent] == [1, 1] and lane.held == 1 and lane.owed == 0
+        assert sent[1]["report"]["completed"] == 1  # what it ran is counted by the replica
+        lanes.done(lane, False, 0.001)
+        assert lane.held == 1 and lane.free == 1  # kept: not asked back
+        lanes.lost(lane.worker)  # the stream ended: the replica took everything back itself
+        assert lanes.stats()["held"] == {} and len(sent) == 2
+        assert lanes.stats()["ran"] == {"enc-1": 2}
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+
+
+def test_a_broken_lane_gives_every_slot_back_and_still_reports_what_ran():
+    async def main() -> None:
+        lanes, lane, sent = _lanes_with_slots(2)
+        assert lanes.take("enc-1", lane.worker) is lane
+        lanes.broken(lane)
+        assert sent == [{"op": "lease-return", "replica": "enc-1", "slots": 2, "report": None}]
+        lanes.done(lane, False, 0.01)  # the request that met the broken server
+        assert sent[1]["op"] == "lease-report" and sent[1]["report"]["failed"] == 1
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+
+
+def test_replica_slots_are_lent_only_when_no_request_waits_and_a_waiter_gets_a_returned_one():
+    from tdask.replica import _Slots
+
+    async def main() -> None:
+        slots = _Slots(2)
+        assert slots.take_nowait() and slots.take_nowait() and not slots.take_nowait()
+        waiter = asyncio.ensure_future(slots.take())
+        await asyncio.sleep(0)
+        assert slots.waiting == 1
+        slots.give()
+        assert not slots.take_nowait(), "a returned slot goes to the request waiting for it"
+        await waiter
+        cancelled = asyncio.ensure_future(slots.take())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        slots.give(2)
+        assert slots.free == 2 and slots.waiting == 0
+
+    asyncio.run(main())
