@@ -3,9 +3,9 @@
 A call to a replica on another worker puts that worker's event loop on the request path twice (the
 request in, the answer out) around a call to a Triton server that the caller could make itself: the
 server listens on this host. With deploy's default placement (a worker per operator) that is four
-process hand-offs and ~0.9 ms of worker CPU per pipeline request at 1,000 elements; calling the two
-servers from encoder_decoder's worker instead took the pipeline from +3.3 ms to +0.5 ms over direct
-Triton at concurrency 1, and from 0.64-0.70x to 0.90-1.03x of its throughput at 16 (benchmarks/).
+process hand-offs and ~0.9 ms of worker CPU per pipeline request at 1,000 elements. On lanes, the
+pipeline went from +3.1 to +0.6 ms over direct Triton at concurrency 1, and from 0.69x to 0.85x of its
+throughput at 16 (benchmarks/README.md, two full runs on the same machine).
 
 The replica stays in charge of its requests. It lends a caller some of its ``max_inflight`` slots
 (never one a request waiting there needs) over the caller's request stream; each lent slot runs one

@@ -99,7 +99,9 @@ class Replica:
 
     The actor is the replica's identity and life cycle (start, stop, stats); requests
     reach it over the worker's tdask request stream (see :mod:`tdask.service`) so that
-    calls share one connection per caller and worker instead of one per call.
+    calls share one connection per caller and worker instead of one per call. Its
+    ``max_inflight`` slots run those requests, or are lent to callers' lanes
+    (:mod:`tdask.lanes`), which run small requests on its Triton server themselves.
     """
 
     def __init__(self, config: OperatorConfig, replica_id: str) -> None:
