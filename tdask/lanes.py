@@ -90,8 +90,8 @@ class Lanes:
         self._local_host = get_address_host(local_address)
         self._lanes: dict[str, Lane] = {}
         self._asking: set[str] = set()
+        self._early: dict[str, int] = {}  # slots asked back while this process's ask to that replica was answered
         self._not_before: dict[str, float] = {}  # replica -> when it may be asked again
-        self._tasks: set[asyncio.Task] = set()
         self._tick: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()
         self.ran: Counter[str] = Counter()  # requests run on lanes, by replica (the worker's tdask stats)
@@ -125,33 +125,35 @@ class Lanes:
         return size < self._max_bytes
 
     # -- slots -----------------------------------------------------------------------------
-    def take(self, replica: str, worker: str) -> Lane | None:
-        """A lane with a free slot to ``replica``, taken for one request; else None (and more slots are asked)."""
+    def take(self, replica: str) -> Lane | None:
+        """The lane to ``replica`` with one of its free slots taken for a request; None when it has none."""
         lane = self._lanes.get(replica)
         if lane is not None and lane.free > 0:
             lane.busy += 1
             return lane
-        if replica not in self._asking and time.monotonic() >= self._not_before.get(replica, 0.0):
-            self._asking.add(replica)
-            wanted = max(1, lane.busy) if lane is not None else 1  # grows by doubling under load
-            task = asyncio.ensure_future(self._lease(replica, worker, wanted))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
         return None
 
-    async def _lease(self, replica: str, worker: str, wanted: int) -> None:
+    async def ask(self, replica: str, worker: str) -> Lane | None:
+        """Slots of ``replica``, one of them taken for this request; None when it lends none now, or while
+        another request of this process asks it (such requests go to the replica)."""
+        if replica in self._asking or time.monotonic() < self._not_before.get(replica, 0.0):
+            return None
+        lane = self._lanes.get(replica)
+        wanted = max(1, lane.busy) if lane is not None else 1  # grows by doubling under load
+        self._asking.add(replica)
         try:
             reply = await self.session.pool.get(worker).call({"op": "lease", "replica": replica, "slots": wanted})
-        except Exception as e:  # noqa: BLE001 - the worker is going away: requests go (and fail) as usual
+        except Exception as e:  # noqa: BLE001 - the worker is going away: the request goes (and fails) as usual
             logger.debug("asking replica %s on %s for lane slots failed: %r", replica, worker, e)
             reply = {"granted": 0}
         finally:
             self._asking.discard(replica)
+            early = self._early.pop(replica, 0)  # asked back before this answer was read
         granted, info = int(reply.get("granted", 0)), reply.get("lane")
         if not granted:
             # a replica with no free slot: soon again; one offering no lane (not serving, server restarting): later
             self._not_before[replica] = time.monotonic() + (0.05 if info else self._retry)
-            return
+            return None
         lane = self._lanes.get(replica)
         if lane is not None and lane.server != info["server"]:  # its server was restarted: a new client
             self._close_client(lane)
@@ -162,6 +164,9 @@ class Lanes:
         lane.held += granted
         if self._tick is None or self._tick.done():
             self._tick = asyncio.ensure_future(self._tend())
+        if early:
+            self._revoked(lane, early)
+        return self.take(replica)
 
     def done(self, lane: Lane, ok: bool | None, seconds: float) -> None:
         """One request on ``lane`` ended: ``ok`` False counts as failed, None (it never ran) not at all."""
@@ -210,14 +215,21 @@ class Lanes:
         if msg.get("op") != "revoke":
             logger.warning("unknown message from worker %s: %r", address, msg.get("op"))
             return
-        lane = self._lanes.get(msg.get("replica"))
-        if lane is None:
-            return  # already given back
-        wanted = min(int(msg.get("slots", 1)), lane.held - lane.owed)
+        replica, slots = msg.get("replica"), int(msg.get("slots", 1))
+        lane = self._lanes.get(replica)
+        if lane is not None:
+            slots -= self._revoked(lane, slots)
+        if slots > 0 and replica in self._asking:  # slots granted in an answer not read yet
+            self._early[replica] = self._early.get(replica, 0) + slots
+
+    def _revoked(self, lane: Lane, slots: int) -> int:
+        """Give back up to ``slots`` of ``lane``: idle ones now, busy ones as they finish; how many that is."""
+        wanted = min(slots, lane.held - lane.owed)
         idle = min(wanted, lane.free)
         lane.owed += wanted - idle
         if idle > 0:
             self._give_back(lane, idle)
+        return wanted
 
     def lost(self, address: str) -> None:
         """The stream to ``address`` ended: its replicas took back what they lent, with nothing said."""
@@ -274,8 +286,8 @@ class Lanes:
         return {"ran": dict(self.ran), "held": {rid: lane.held for rid, lane in self._lanes.items()}}
 
     async def close(self) -> None:
-        for task in list(self._tasks) + ([self._tick] if self._tick else []):
-            task.cancel()
+        if self._tick is not None:
+            self._tick.cancel()
         for lane in list(self._lanes.values()):
             self._drop(lane)
         await asyncio.gather(*self._closing, return_exceptions=True)

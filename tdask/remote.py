@@ -24,7 +24,7 @@ from tdask.errors import (
     ReplicaUnavailableError,
     RequestTimeoutError,
 )
-from tdask.lanes import Lane, LaneClosed, Lanes
+from tdask.lanes import LaneClosed, Lanes
 from tdask.registry import ROOT, operator_key, pick_version
 from tdask.routing import choose_replica
 from tdask.socket_comm import Landing, caller_landing
@@ -271,12 +271,9 @@ class RemoteOperator:
             msg = {"op": "infer", "replica": replica, "request_id": request_id, "inputs": checked_inputs,
                    "parameters": params, "keep": keep, "output_device": output_device}
             self.outstanding[replica] += 1
-            lane = None
             if (worker in self._lane_workers and keep is not True and output_device != "gpu"
                     and self.session.lanes.fits(checked_inputs)):
-                lane = self.session.lanes.take(replica, worker)
-            if lane is not None:
-                call = self._on_lane(lane, msg)
+                call = self._via_lanes(replica, worker, msg)
             elif self.session.in_process(worker):
                 call = local.call_local(msg)  # same process: no comm, no serialization, no copy
             else:
@@ -314,17 +311,22 @@ class RemoteOperator:
             outputs = {name: from_wire(v) for name, v in reply["outputs"].items()}
             return InferResult(self.session, outputs, replica, worker, request_id)
 
-    async def _on_lane(self, lane: Lane, msg: dict[str, Any]) -> dict[str, Any]:
-        """Run the request on the replica's Triton server from here (:mod:`tdask.lanes`), answered like the
-        replica would; sent to the replica instead when the server refuses the connection (restarted)."""
+    async def _via_lanes(self, replica: str, worker: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """Run the request on the replica's Triton server from here (:mod:`tdask.lanes`) on a slot it lent,
+        answered like the replica would; sent to the replica when it lends none, or when the server refuses
+        the connection (restarted: the replica waits for it)."""
         lanes = self.session.lanes
-        try:
-            outputs = await lanes.infer(lane, msg["inputs"], msg["parameters"], msg["request_id"], self.idempotent)
-        except LaneClosed:
-            msg["inputs"] = {k: to_wire(v) for k, v in msg["inputs"].items()}
-            return await self.session.pool.get(lane.worker).call(msg)
-        # outputs a replica would keep on its worker with keep="auto" are kept on this one, where they are
-        return {"outputs": self.session.local_service.encode_outputs(outputs, msg["keep"], serialize=False)}
+        lane = lanes.take(replica) or await lanes.ask(replica, worker)
+        if lane is not None:
+            try:
+                outputs = await lanes.infer(lane, msg["inputs"], msg["parameters"], msg["request_id"],
+                                            self.idempotent)
+            except LaneClosed:
+                pass
+            else:  # outputs a replica would keep on its worker with keep="auto" are kept on this one, where they are
+                return {"outputs": self.session.local_service.encode_outputs(outputs, msg["keep"], serialize=False)}
+        msg["inputs"] = {k: to_wire(v) for k, v in msg["inputs"].items()}
+        return await self.session.pool.get(worker).call(msg)
 
     async def _prepare_inputs(self, inputs: Any, request_id: str) -> dict[str, Any]:
         if inputs is None:

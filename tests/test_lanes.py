@@ -119,6 +119,53 @@ def test_lanes_run_small_requests_from_the_callers_worker_within_the_replicas_sl
     assert not lanes["held"], lanes
 
 
+def test_with_deploys_defaults_no_request_waits_for_a_slot_a_lane_holds_idle(loop):
+    """deploy's defaults (max in-flight 1 everywhere, a worker per operator), lanes keeping idle slots for an
+    hour: a request that must wait at a replica gets the slot a lane holds only because the replica asks
+    for it back and the lane gives it. 40 pipeline requests and 10 to the encoder, all at once, each with a
+    60 s timeout: all answered, right, with Triton running each model once per request."""
+    import dask.config
+    from distributed import Client
+
+    import tdask
+    from tdask import Deployment, OperatorConfig
+    from tdask.cluster import start_embedded_cluster
+
+    configs = [OperatorConfig("encoder", repository=MODELS), OperatorConfig("decoder", repository=MODELS),
+               OperatorConfig("encoder_decoder", "encoder_decoder:EncoderDecoder", repository=OPERATORS)]
+
+    async def scenario() -> tuple[list, list, dict]:
+        with dask.config.set({"tdask.lanes.idle-timeout": "1h"}):  # the workers take the caller's config
+            cluster = await start_embedded_cluster(n_workers=3, scheduler_port=0, dashboard_address=":0")
+        try:
+            async with Client(cluster.scheduler_address, asynchronous=True, direct_to_workers=True) as client:
+                async with Deployment(client, configs, supervise=False) as deployment:
+                    infos = deployment.replicas
+                    before = [await triton_successes(infos, op) for op in ("encoder", "decoder")]
+                    async with await tdask.connect(client) as session:
+                        pipeline = await session.operator("encoder_decoder")
+                        encoder = await session.operator("encoder")
+                        xs = [np.arange(i * 10) for i in range(50)]
+                        calls = [pipeline.infer({"input": x}, timeout=60) for x in xs[:40]]
+                        calls += [encoder.infer({"input": x}, timeout=60) for x in xs[40:]]
+                        results = await asyncio.gather(*calls, return_exceptions=True)
+                    ran = [await triton_successes(infos, op) - b for op, b in zip(("encoder", "decoder"),
+                                                                                   before, strict=True)]
+                    stats = await client.run(service_stats)
+                    lanes = {k: v for st in stats.values() for k, v in st["lanes"].get("ran", {}).items()}
+                    return results, ran, lanes
+        finally:
+            await cluster.close()
+
+    results, ran, lanes = loop.run(scenario(), timeout=300)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert errors == [], errors[:3]
+    assert all(np.array_equal(r["output"], np.arange(i * 10)) for i, r in enumerate(results[:40]))
+    assert all(np.array_equal(r["output"], ~np.arange(i * 10)) for i, r in enumerate(results[40:], 40))
+    assert ran == [50, 40], ran
+    assert sum(lanes.values()) > 0, lanes  # lanes took part (and held their slots between requests)
+
+
 def test_lanes_take_only_small_numpy_requests_to_cpu_triton_replicas_of_other_processes_on_this_host():
     from tdask.lanes import Lanes
 
@@ -138,14 +185,19 @@ def test_lanes_take_only_small_numpy_requests_to_cpu_triton_replicas_of_other_pr
 
 
 class _Stream:
-    def __init__(self, sent: list) -> None:
+    def __init__(self, sent: list, answer: Any = None) -> None:
         self.sent = sent
+        self.answer = answer
 
     def send(self, msg: dict) -> None:
         self.sent.append(msg)
 
+    async def call(self, msg: dict) -> dict:
+        self.sent.append(msg)
+        return self.answer(msg)
 
-def _lanes_with_slots(held: int) -> tuple[Any, Any, list]:
+
+def _lanes_with_slots(held: int, answer: Any = None) -> tuple[Any, Any, list]:
     from tdask.lanes import Lane, Lanes
 
     sent: list = []
@@ -154,7 +206,7 @@ def _lanes_with_slots(held: int) -> tuple[Any, Any, list]:
         listener = None
 
         def get(self, address: str) -> _Stream:
-            return _Stream(sent)
+            return _Stream(sent, answer)
 
     class Session:
         pool = Pool()
@@ -170,12 +222,12 @@ def _lanes_with_slots(held: int) -> tuple[Any, Any, list]:
 def test_a_revoked_lane_returns_idle_slots_at_once_and_busy_ones_as_they_finish():
     async def main() -> None:
         lanes, lane, sent = _lanes_with_slots(3)
-        a = lanes.take("enc-1", lane.worker)
-        b = lanes.take("enc-1", lane.worker)
+        a = lanes.take("enc-1")
+        b = lanes.take("enc-1")
         assert a is lane and b is lane and lane.free == 1
         lanes.pushed(lane.worker, {"op": "revoke", "replica": "enc-1", "slots": 2})
         assert [m["slots"] for m in sent] == [1] and lane.held == 2 and lane.owed == 1 and lane.free == 0
-        assert lanes.take("enc-1", lane.worker) is None  # owed slots are not used again
+        assert lanes.take("enc-1") is None  # owed slots are not used again
         lanes.done(lane, True, 0.001)
         assert [m["slots"] for m in sent] == [1, 1] and lane.held == 1 and lane.owed == 0
         assert sent[1]["report"]["completed"] == 1  # what it ran is counted by the replica
@@ -192,7 +244,7 @@ def test_a_revoked_lane_returns_idle_slots_at_once_and_busy_ones_as_they_finish(
 def test_a_broken_lane_gives_every_slot_back_and_still_reports_what_ran():
     async def main() -> None:
         lanes, lane, sent = _lanes_with_slots(2)
-        assert lanes.take("enc-1", lane.worker) is lane
+        assert lanes.take("enc-1") is lane
         lanes.broken(lane)
         assert sent == [{"op": "lease-return", "replica": "enc-1", "slots": 2, "report": None}]
         lanes.done(lane, False, 0.01)  # the request that met the broken server
@@ -220,5 +272,26 @@ def test_replica_slots_are_lent_only_when_no_request_waits_and_a_waiter_gets_a_r
         await asyncio.gather(cancelled, return_exceptions=True)
         slots.give(2)
         assert slots.free == 2 and slots.waiting == 0
+
+    asyncio.run(main())
+
+
+def test_slots_asked_back_before_the_grant_is_read_are_given_back_with_it():
+    """The replica lends a slot, then a request of another caller waits there and it asks the slot back:
+    both messages may arrive in one read, the revocation handled before the grant's answer is. The slot
+    goes back at once instead of sitting idle while that request waits."""
+    info = {"model": "encoder", "server": 1, "grpc": "127.0.0.1:3", "http": "127.0.0.1:4"}
+
+    async def main() -> None:
+        def answer(msg: dict) -> dict:
+            lanes.pushed("tcp://127.0.0.1:2", {"op": "revoke", "replica": "enc-1", "slots": 1})
+            return {"granted": 1, "lane": info, "id": 0}
+
+        lanes, lane, sent = _lanes_with_slots(0, answer)
+        del lanes._lanes["enc-1"]
+        assert await lanes.ask("enc-1", "tcp://127.0.0.1:2") is None  # the request goes to the replica
+        assert [m["op"] for m in sent] == ["lease", "lease-return"] and sent[1]["slots"] == 1
+        assert lanes.stats()["held"] == {}
+        await lanes.close()
 
     asyncio.run(main())
