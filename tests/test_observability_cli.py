@@ -48,12 +48,26 @@ def test_request_id_followed_across_worker_logs_and_embedded_dashboard(tmp_path)
         worker_logs = sorted(log_dir.glob("worker-*.log"))
         assert len(worker_logs) == 3 and len(list(log_dir.glob("triton-*.log"))) == 2, sorted(log_dir.iterdir())
         texts = {p.name: p.read_text() for p in worker_logs}
+        hosts = {}
         for name in ("encoder_decoder", "encoder", "decoder"):
-            hosts = [f for f, t in texts.items() if re.search(rf"replica {name}-\w+ of {name} started", t)]
-            assert len(hosts) == 1, (name, hosts)
-            lines = [line for line in texts[hosts[0]].splitlines() if f"request {request_id}:" in line]
-            assert any(f": {name} replica" in line and "received" in line for line in lines), (name, lines)
-            assert any(f": {name} replica" in line and "answered" in line for line in lines), (name, lines)
+            found = [f for f, t in texts.items() if re.search(rf"replica {name}-\w+ of {name} started", t)]
+            assert len(found) == 1, (name, found)
+            hosts[name] = found[0]
+
+        def lines(name: str) -> list[str]:
+            return [line for line in texts[hosts[name]].splitlines() if f"request {request_id}:" in line]
+
+        pipeline = lines("encoder_decoder")
+        assert any(": encoder_decoder replica" in line and "received" in line for line in pipeline), pipeline
+        assert any(": encoder_decoder replica" in line and "answered" in line for line in pipeline), pipeline
+        for name in ("encoder", "decoder"):
+            # run by its replica (received, answered), or by encoder_decoder's worker on a lane to its Triton server
+            on_lane = [line for line in pipeline
+                       if f": {name} replica {name}-" in line and "answered on a lane" in line]
+            own = lines(name)
+            assert len(on_lane) == 1 or (
+                any(f": {name} replica" in line and "received" in line for line in own)
+                and any(f": {name} replica" in line and "answered" in line for line in own)), (name, pipeline, own)
 
         # the embedded scheduler serves the tdask page (listed under More...) and /metrics
         status = urllib.request.urlopen(f"{base}/status", timeout=30).read().decode()
