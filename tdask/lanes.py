@@ -4,8 +4,8 @@ A call to a replica on another worker puts that worker's event loop on the reque
 request in, the answer out) around a call to a Triton server that the caller could make itself: the
 server listens on this host. With deploy's default placement (a worker per operator) that is four
 process hand-offs and ~0.9 ms of worker CPU per pipeline request at 1,000 elements. On lanes, the
-pipeline went from +3.1 to +0.6 ms over direct Triton at concurrency 1, and from 0.69x to 0.85x of its
-throughput at 16 (benchmarks/README.md, two full runs on the same machine).
+pipeline went from +3.1 to +0.6-0.7 ms over direct Triton at concurrency 1, and from 0.69x to 0.85-0.87x
+of its throughput at 16 (benchmarks/README.md, full runs on the same machine).
 
 The replica stays in charge of its requests. It lends a caller some of its ``max_inflight`` slots
 (never one a request waiting there needs) over the caller's request stream; each lent slot runs one
@@ -14,8 +14,9 @@ back and the lane returns them as their requests finish. The lane reports what i
 failed, latencies) so the replica's statistics, dashboard and ``/metrics`` count every request, and
 returns its slots after ``tdask.lanes.idle-timeout`` without a request, closing its connections to
 the server with the last one. Only small requests take a lane (inputs under the shared-memory
-threshold, CPU models, ``tcp://`` workers of this host, not ``keep=True``); everything else, and any
-request that finds no free lent slot, goes to the replica as before.
+threshold, CPU models, ``tcp://`` workers of this host, not ``keep=True``). A request that finds no
+free lent slot asks for more and waits for the answer; everything else, and a request for which no slot
+is lent, goes to the replica as before.
 """
 
 from __future__ import annotations
