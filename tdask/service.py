@@ -285,6 +285,8 @@ class WorkerService:
 
     def handle_stats(self) -> dict[str, Any]:
         """Every replica's counters here, plus this worker's Triton servers (dashboard, /metrics)."""
+        session = getattr(self.worker, "_tdask_session", None)  # the worker's own calls (tdask.remote)
+        lanes = session.lanes if session is not None else None
         return {
             "replicas": {rid: r.get_stats() for rid, r in self.replicas.items()},
             "triton": [
@@ -293,8 +295,7 @@ class WorkerService:
             ],
             "store": {"tensors": len(self.store), "bytes": self.store.nbytes},
             "triton_restarts": self.triton_restarts,
-            "lanes": lanes.stats() if (lanes := getattr(getattr(self.worker, "_tdask_session", None), "lanes",
-                                                          None)) is not None else {},
+            "lanes": lanes.stats() if lanes is not None else {},
         }
 
     # -- kept outputs ----------------------------------------------------------------
