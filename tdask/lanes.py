@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import numpy as np
 from distributed.comm import get_address_host, parse_address
 
 from tdask import config
@@ -120,7 +121,7 @@ class Lanes:
         """Small NumPy tensors only: larger ones go to the replica, which moves them in shared memory."""
         size = 0
         for value in inputs.values():
-            if type(value).__module__ != "numpy" or value.dtype.kind not in "biuf":
+            if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
                 return False
             size += value.nbytes
         return size < self._max_bytes
@@ -177,10 +178,7 @@ class Lanes:
             lane.record(ok, seconds)
             self.ran[lane.replica] += 1
         if self._lanes.get(lane.replica) is not lane:  # given back meanwhile: what it ran still counts there
-            report = lane.report()
-            if report is not None:
-                self.session.pool.get(lane.worker).send(
-                    {"op": "lease-report", "replica": lane.replica, "report": report})
+            self._report(lane)
         elif lane.owed:
             lane.owed -= 1
             self._give_back(lane, 1)
@@ -245,11 +243,13 @@ class Lanes:
             for lane in list(self._lanes.values()):
                 if lane.busy == 0 and now - lane.last_used >= self.idle_timeout:
                     self._give_back(lane, lane.held)
-                    continue
-                report = lane.report()
-                if report is not None:
-                    self.session.pool.get(lane.worker).send(
-                        {"op": "lease-report", "replica": lane.replica, "report": report})
+                else:
+                    self._report(lane)
+
+    def _report(self, lane: Lane) -> None:
+        report = lane.report()
+        if report is not None:
+            self.session.pool.get(lane.worker).send({"op": "lease-report", "replica": lane.replica, "report": report})
 
     # -- one request -----------------------------------------------------------------------------
     async def infer(self, lane: Lane, inputs: dict[str, Any], parameters: dict[str, Any],

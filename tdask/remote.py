@@ -277,8 +277,7 @@ class RemoteOperator:
             elif self.session.in_process(worker):
                 call = local.call_local(msg)  # same process: no comm, no serialization, no copy
             else:
-                msg["inputs"] = {k: to_wire(v) for k, v in checked_inputs.items()}
-                call = self.session.pool.get(worker).call(msg)
+                call = self._sent(worker, msg)
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):  # no extra task
                     reply = await call
@@ -325,8 +324,12 @@ class RemoteOperator:
                 pass
             else:  # outputs a replica would keep on its worker with keep="auto" are kept on this one, where they are
                 return {"outputs": self.session.local_service.encode_outputs(outputs, msg["keep"], serialize=False)}
+        return await self._sent(worker, msg)
+
+    def _sent(self, worker: str, msg: dict[str, Any]) -> Awaitable[dict[str, Any]]:
+        """The request sent to its replica's worker, inputs encoded for the wire."""
         msg["inputs"] = {k: to_wire(v) for k, v in msg["inputs"].items()}
-        return await self.session.pool.get(worker).call(msg)
+        return self.session.pool.get(worker).call(msg)
 
     async def _prepare_inputs(self, inputs: Any, request_id: str) -> dict[str, Any]:
         if inputs is None:

@@ -9,6 +9,7 @@ from collections import deque
 from typing import Any
 
 from distributed import get_worker
+from distributed.comm import CommClosedError
 
 from tdask import config as tdask_config
 from tdask.errors import (
@@ -281,8 +282,6 @@ class Replica:
 
     def _revoke(self, count: int) -> None:
         """Ask lanes for ``count`` slots back, from those holding the most first."""
-        from distributed.comm import CommClosedError
-
         for holder in sorted(self._leases, key=self._leases.get, reverse=True):
             if count <= 0:
                 return
