@@ -61,7 +61,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from distributed import Client
 
     import tdask
-    from tdask.cluster import start_embedded_cluster
+    from tdask.deploy.cluster import start_embedded_cluster
 
     cluster = await start_embedded_cluster(n_workers=5, scheduler_port=0, dashboard_address=":0")
     ledger = Ledger()

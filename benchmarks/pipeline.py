@@ -2,7 +2,7 @@
 
 One run, one machine, the same ``operators/triton_core_models`` with the same instance counts:
 
-* ``direct``: one Triton server (started with :class:`tdask.triton_server.TritonServer`, with the
+* ``direct``: one Triton server (started with :class:`tdask.triton.server.TritonServer`, with the
   allocator settings tdask's servers get from their worker) hosting encoder and decoder; each request
   calls encoder, then decoder with the returned ``input_copies`` through one ``tritonclient.grpc.aio``
   client, and checks the output.
@@ -78,10 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "replica count); replicas on one worker share its Triton server and add up instances")
     p.add_argument("--memory-requests", type=int, default=None, help="requests of the memory run (default 100000)")
     p.add_argument("--memory-concurrency", type=int, default=64)
+    p.add_argument("--set", dest="settings", action="append", default=[], type=setting, metavar="KEY=VALUE",
+                   help="a Dask setting for this run's tdask processes, e.g. tdask.lanes.enabled=false to measure "
+                        "without lanes (repeatable; python -m benchmarks.mechanisms measures each mechanism on and "
+                        "off side by side)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: cells,scaling,memory")
     p.add_argument("--output", default=None, help="JSON result file (default benchmarks/results/pipeline[-smoke].json)")
     p.add_argument("--no-plot", action="store_true")
     return p
+
+
+def setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``, the value read as YAML (``false``, ``0``, ``2s``)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -187,7 +201,7 @@ class Tdask:
 
 # -- setup --------------------------------------------------------------------------------
 async def load_direct_models(server: Any, instances: int, delay_s: float = 0.0) -> None:
-    from tdask.triton_config import merge_model_config, read_model_config
+    from tdask.triton.model_config import merge_model_config, read_model_config
 
     for name in ("encoder", "decoder"):
         cfg = merge_model_config(read_model_config(MODELS, name), name=name, instance_count=instances,
@@ -317,7 +331,7 @@ async def embedded_client(n_workers: int) -> AsyncIterator[Any]:
     """An async client of an embedded cluster of ``n_workers`` of its own, for as long as it is used."""
     from distributed import Client
 
-    from tdask.cluster import start_embedded_cluster
+    from tdask.deploy.cluster import start_embedded_cluster
 
     cluster = await start_embedded_cluster(n_workers=n_workers, scheduler_port=0, dashboard_address=":0",
                                            silence_logs=logging.ERROR)
@@ -393,12 +407,13 @@ async def measure_scaling(args: argparse.Namespace, client: Any, direct_server: 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     import dask.config
 
-    from tdask.cluster import worker_environ
-    from tdask.triton_server import TritonServer
+    from tdask.deploy.cluster import worker_environ
+    from tdask.triton.server import TritonServer
 
     # Triton's Python stub takes its site-packages from the first python3 on PATH.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     dask.config.set({"distributed.worker.daemon": False})  # workers start Triton subprocesses
+    dask.config.set(dict(args.settings))  # before any cluster starts: its workers take this config
     t_start = time.perf_counter()
     results: dict[str, Any] = {
         "title": "tdask vs direct Triton" + (" (smoke run: numbers meaningless)" if args.smoke else ""),
@@ -414,7 +429,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "scaling_delay_ms_per_model": args.scaling_delay_ms, "scaling_concurrency": "4 x replicas",
             "scaling_workers": args.scaling_workers or min(max(args.scaling), os.cpu_count() or 1),
             "memory_requests": args.memory_requests, "memory_concurrency": args.memory_concurrency,
-            "tdask_config": dask.config.get("tdask"),
+            "tdask_config": dask.config.get("tdask"), "set": dict(args.settings),
         },
         "cells": [], "scaling": [], "memory": {},
     }

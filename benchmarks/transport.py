@@ -53,7 +53,7 @@ async def measure(protocol: str, repeat: int, gpu: bool) -> list[dict[str, Any]]
     from distributed import Client
 
     import tdask
-    from tdask.cluster import start_embedded_cluster
+    from tdask.deploy.cluster import start_embedded_cluster
 
     device = "GPU" if gpu else "CPU"
     cluster = await start_embedded_cluster(

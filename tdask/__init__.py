@@ -1,9 +1,16 @@
-"""tdask: serve model pipelines (Triton Core models and Python operators) on a Dask cluster."""
+"""tdask: serve model pipelines (Triton Core models and Python operators) on a Dask cluster.
+
+The public API is what this module exports; the layers below it, from the bottom up: settings, errors and
+the operator contract (``config``, ``errors``, ``operator``, ``tensors``, ``registry``); shared memory
+(``shm``); the request stream (``comm``); Triton (``triton``); the caller's session (``session``); tdask on a
+worker (``worker``); deployments (``deploy``); metrics and the dashboard (``observe``); the command lines
+(``cli``). docs/design.md draws them.
+"""
 
 from __future__ import annotations
 
 from tdask import config  # noqa: F401  (loads tdask.yaml into dask.config)
-from tdask.deployment import Deployment
+from tdask.deploy.deployment import Deployment
 from tdask.errors import (
     ConfigError,
     InvalidRequestError,
@@ -11,6 +18,7 @@ from tdask.errors import (
     OperatorNotFoundError,
     OverloadedError,
     PlacementError,
+    ProtocolError,
     ReplicaUnavailableError,
     RequestTimeoutError,
     TdaskError,
@@ -18,9 +26,10 @@ from tdask.errors import (
     TritonServerError,
 )
 from tdask.operator import Operator, OperatorConfig, OperatorContext, Request
-from tdask.remote import InferFuture, InferResult, RemoteOperator, Session, connect
+from tdask.session import InferFuture, InferResult, RemoteOperator, Session, connect
 from tdask.tensors import TensorRef
-from tdask.triton_operator import TritonCoreOperator
+from tdask.triton.operator import TritonCoreOperator
+from tdask.worker.plugin import TdaskWorkerPlugin
 
 __all__ = [
     "ConfigError",
@@ -35,12 +44,14 @@ __all__ = [
     "OperatorNotFoundError",
     "OverloadedError",
     "PlacementError",
+    "ProtocolError",
     "RemoteOperator",
     "ReplicaUnavailableError",
     "Request",
     "RequestTimeoutError",
     "Session",
     "TdaskError",
+    "TdaskWorkerPlugin",
     "TensorRef",
     "TritonCoreOperator",
     "TritonError",

@@ -7,15 +7,13 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from tdask.errors import ConfigError, InvalidRequestError
 
-if TYPE_CHECKING:
-    from tdask.remote import RemoteOperator
-
 DEVICES = ("CPU", "GPU")
 TRITON_ALIASES = ("TritonCoreOperator", "triton", "tdask:TritonCoreOperator")
+TRITON_IMPLEMENTATION = "tdask.triton.operator:TritonCoreOperator"  # what the aliases name
 
 
 @dataclass(frozen=True)
@@ -86,10 +84,9 @@ class OperatorConfig:
 
     @property
     def is_triton(self) -> bool:
-        from tdask.triton_operator import TritonCoreOperator
-
+        """Whether replicas serve a model of a Triton model repository (``TritonCoreOperator`` or a subclass)."""
         impl = self.implementation
-        return impl in TRITON_ALIASES or (isinstance(impl, type) and issubclass(impl, TritonCoreOperator))
+        return impl in TRITON_ALIASES or bool(getattr(impl, "serves_triton_model", False))
 
     def required_resources(self) -> dict[str, float]:
         """Worker resources a replica needs: GPU replicas need one ``GPU`` each."""
@@ -101,18 +98,16 @@ class OperatorConfig:
     def load_class(self) -> type[Operator]:
         """Resolve ``implementation`` to a class; runs where the replica runs."""
         impl = self.implementation
-        if self.is_triton and isinstance(impl, str):
-            from tdask.triton_operator import TritonCoreOperator
-
-            return TritonCoreOperator
+        if impl in TRITON_ALIASES:
+            impl = TRITON_IMPLEMENTATION
         if isinstance(impl, type):
             cls = impl
         else:
             module_name, sep, attr = str(impl).partition(":")
             if not sep or not module_name or not attr:
                 raise ConfigError(f"operator {self.name!r}: implementation must be 'module:Class', got {impl!r}")
-            if self.repository and self.repository not in sys.path:
-                sys.path.insert(0, self.repository)
+            if self.repository and not self.is_triton and self.repository not in sys.path:
+                sys.path.insert(0, self.repository)  # a Python operator's module lies in its repository
             try:
                 module = importlib.import_module(module_name)
             except ImportError as e:
@@ -188,19 +183,31 @@ class Request:
         return self._done
 
 
-class OperatorContext:
-    """What a running operator may use: its worker, replica id and the other operators."""
+class Operators(Protocol):
+    """Where a running operator finds the other operators: its worker's :class:`tdask.Session`."""
 
-    def __init__(self, config: OperatorConfig, replica_id: str, worker: Any) -> None:
+    async def operator(self, name: str, version: int | None = None) -> Any: ...
+
+
+class OperatorContext:
+    """What a running operator may use, handed to it by its replica when it is built.
+
+    ``session``: the worker's session, to call other operators worker to worker. ``services``: what its
+    worker offers operators by name (``"triton"``: the worker's Triton servers, which
+    :class:`~tdask.TritonCoreOperator` loads its model into).
+    """
+
+    def __init__(self, config: OperatorConfig, replica_id: str, worker: Any, session: Operators,
+                 services: Mapping[str, Any] | None = None) -> None:
         self.config = config
         self.replica_id = replica_id
         self.worker = worker
+        self.session = session
+        self.services = dict(services or {})
 
-    async def operator(self, name: str, version: int | None = None) -> RemoteOperator:
-        """A handle to another deployed operator, called worker to worker."""
-        from tdask.remote import worker_session
-
-        return await worker_session(self.worker).operator(name, version)
+    async def operator(self, name: str, version: int | None = None) -> Any:
+        """A handle (:class:`tdask.RemoteOperator`) to another deployed operator, called worker to worker."""
+        return await self.session.operator(name, version)
 
 
 class Operator:
@@ -211,6 +218,8 @@ class Operator:
     ...         for request in requests:
     ...             await request.respond({"output": request.input("input")})
     """
+
+    serves_triton_model = False  # True for TritonCoreOperator: its replicas load a model of a Triton repository
 
     def __init__(self, config: OperatorConfig, context: OperatorContext) -> None:
         self.config = config
@@ -227,7 +236,8 @@ class Operator:
         """Release what :meth:`setup` acquired."""
 
     def lane(self) -> dict[str, Any] | None:
-        """What a caller needs to run requests of this operator itself (:mod:`tdask.lanes`); None: not offered."""
+        """What a caller needs to run requests of this operator itself (:mod:`tdask.worker.lanes`); None: not
+        offered."""
         return None
 
     def info(self) -> dict[str, Any]:

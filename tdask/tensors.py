@@ -53,15 +53,11 @@ def check_tensor(name: Any, value: Any) -> Any:
 
 
 _ND = "__tdask_nd__"
-_inline_limit: int | None = None
 
 
 def inline_threshold() -> int:
-    """``tdask.transfer.inline-threshold``, read once per process."""
-    global _inline_limit
-    if _inline_limit is None:
-        _inline_limit = int(config.get("transfer.inline-threshold"))
-    return _inline_limit
+    """``tdask.transfer.inline-threshold``: outputs up to this many bytes travel with the answer."""
+    return int(config.get("transfer.inline-threshold"))
 
 
 def to_wire(value: Any) -> Any:
@@ -95,7 +91,7 @@ def nbytes(value: Any) -> int:
 def check_request_size(inputs: dict[str, Any], request_id: str) -> None:
     """Reject a request over ``tdask.replica.max-request-bytes`` (checked by callers and replicas)."""
     size = sum(nbytes(v) for v in inputs.values())
-    limit = int(config.lookup("replica", "max-request-bytes"))
+    limit = int(config.get("replica.max-request-bytes"))
     if size > limit:
         raise InvalidRequestError(
             f"request {request_id}: inputs are {size} bytes, over the per-request limit of {limit} bytes "

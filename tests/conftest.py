@@ -141,7 +141,7 @@ def no_leftover_processes() -> Iterator[None]:
 def cluster(loop: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     import dask.config
 
-    from tdask.cluster import start_embedded_cluster
+    from tdask.deploy.cluster import start_embedded_cluster
 
     log_dir = tmp_path_factory.mktemp("logs")
     dask.config.set({"tdask.log-dir": str(log_dir)})

@@ -6,8 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, python_env
 
+pytestmark = pytest.mark.slow
 
 def test_benchmark_smoke_run_writes_every_cell(tmp_path):
     out = tmp_path / "smoke.json"
@@ -40,3 +42,23 @@ def test_benchmark_smoke_run_writes_every_cell(tmp_path):
     assert {"benchmark client + scheduler", "dask worker", "tdask tritonserver", "direct tritonserver"} <= kinds
     assert all(p["rss_peak_mb"] > 0 for p in memory["processes"])
     assert "| direct |" in results["table_markdown"]
+
+
+def test_mechanisms_smoke_run_measures_each_mechanism_on_and_off_and_the_switch_reaches_the_workers(tmp_path):
+    out = tmp_path / "mechanisms.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.mechanisms", "--smoke", "--mechanisms", "lanes,socket", "--layouts", "3",
+         "--output", str(out)],
+        cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["mechanism"], row["workers"]) for row in rows] == [("lanes", 3), ("socket", 3)]
+    for row in rows:
+        for key, off_value in row["off_settings"].items():
+            assert {value[key] for value in row["workers_saw"]["off"].values()} == {off_value}, row["workers_saw"]
+            assert off_value not in {value[key] for value in row["workers_saw"]["on"].values()}
+        for cell in row["cells"]:
+            assert cell["on"]["requests"] > 0 and cell["off"]["requests"] > 0
+            assert cell["on"]["errors"] == 0 and cell["off"]["errors"] == 0
+            assert cell["gain"] is not None

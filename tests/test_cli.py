@@ -14,7 +14,7 @@ import psutil
 import pytest
 from conftest import ROOT, python_env, triton_processes
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 PY = sys.executable
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import MODELS, OPERATORS
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 
 async def instance_count(grpc_url: str, model: str) -> int:
@@ -24,11 +24,10 @@ async def instance_count(grpc_url: str, model: str) -> int:
 
 
 def shared_memory_state(dask_worker) -> dict:
-    service = dask_worker.extensions["tdask"]
-    (client,) = service._triton_clients.values()  # one client per server, shared by its models
-    regions = client._pool.all if client._pool is not None else ()
-    return {"in_place": client.shm_inputs_in_place, "kept": len(service.store),
-            "leased": sum(region.leased for region in regions)}
+    stats = dask_worker.extensions["tdask"].stats()
+    (server,) = stats["triton"]  # one server, whose client its models share
+    return {"in_place": server["shm"]["inputs_in_place"], "kept": stats["store"]["tensors"],
+            "leased": server["shm"]["leased_regions"]}
 
 
 def test_colocated_replicas_sum_instances_and_conflicting_configs_are_refused(loop):
@@ -36,7 +35,7 @@ def test_colocated_replicas_sum_instances_and_conflicting_configs_are_refused(lo
 
     import tdask
     from tdask import Deployment, OperatorConfig, PlacementError
-    from tdask.cluster import start_embedded_cluster
+    from tdask.deploy.cluster import start_embedded_cluster
 
     async def scenario() -> dict:
         cluster = await start_embedded_cluster(n_workers=1, scheduler_port=0, dashboard_address=":0")
@@ -87,8 +86,8 @@ def test_colocated_replicas_sum_instances_and_conflicting_configs_are_refused(lo
                     out["before"] = before
                     await session.close()
                     # a replica leaving gives its instances back
-                    rid = next(r for r, p in deployment._placed.items() if p.config is encoder)
-                    await deployment._stop_replica(rid, deployment._placed.pop(rid))
+                    rid = next(i["replica"] for i in deployment.replicas if i["name"] == "encoder")
+                    await deployment.stop_replica(rid)
                     out["instances_2"] = await instance_count(infos[0]["triton_grpc"], "encoder")
                 finally:
                     await deployment.stop()

@@ -171,8 +171,8 @@ async def open_page(url: str, ready: Any, timeout: float = 90) -> tuple[Chromium
 
 
 def _completed_by_operator(rows: list[list[str]]) -> dict[str, int]:
-    """Completed counts per operator from the operators table (columns as in tdask.dashboard)."""
-    from tdask.dashboard import OPERATOR_COLUMNS
+    """Completed counts per operator from the operators table (columns as in tdask.observe.dashboard)."""
+    from tdask.observe.dashboard import OPERATOR_COLUMNS
 
     index = [k for k, _ in OPERATOR_COLUMNS]
     out = {}
@@ -182,6 +182,7 @@ def _completed_by_operator(rows: list[list[str]]) -> dict[str, int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium package is not installed (apt-get install chromium)")
 def test_dashboard_page_lists_operators_in_chromium(loop, cluster, session, tmp_path):
     shot = tmp_path / "dashboard.png"

@@ -21,7 +21,7 @@ def periodic_intervals(dask_worker=None, dask_scheduler=None) -> dict:
 def test_dask_config_and_environment_reach_the_scheduler_and_workers_added_later(loop):
     from distributed import Client
 
-    from tdask.cluster import start_embedded_cluster
+    from tdask.deploy.cluster import start_embedded_cluster
 
     async def scenario() -> dict:
         cluster = await start_embedded_cluster(n_workers=1, scheduler_port=0, dashboard_address=":0")
@@ -45,7 +45,7 @@ def test_dask_config_and_environment_reach_the_scheduler_and_workers_added_later
 def test_dask_config_takes_nested_keys_as_leaves_and_none_as_dasks_own_setting():
     import dask
 
-    from tdask.cluster import cluster_dask_config
+    from tdask.deploy.cluster import cluster_dask_config
 
     assert cluster_dask_config() == {"distributed.worker.profile.interval": "100ms",
                                      "distributed.admin.tick.interval": "200ms"}

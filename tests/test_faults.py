@@ -18,14 +18,14 @@ from conftest import MODELS, OPERATORS, SUPPORT, LoopThread
 import tdask
 from tdask import OperatorConfig, OverloadedError, TdaskError
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def fault_cluster(loop: LoopThread) -> Iterator[tuple[Any, Any]]:
     from distributed import Client
 
-    from tdask.cluster import start_embedded_cluster
+    from tdask.deploy.cluster import start_embedded_cluster
 
     cluster = loop.run(start_embedded_cluster(n_workers=4, scheduler_port=0, dashboard_address=":0"))
     client = loop.run(lambda: Client(cluster.scheduler_address, asynchronous=True, direct_to_workers=True))
@@ -174,7 +174,7 @@ def test_triton_crash_is_noticed_restarted_and_models_reloaded(loop, fault_clust
                 os.kill(old_pid, signal.SIGKILL)
                 during = await load
                 after = await steady_load(session, 2, concurrency=4)
-                stats = await client.run(lambda dask_worker: dask_worker.extensions["tdask"].handle_stats(),
+                stats = await client.run(lambda dask_worker: dask_worker.extensions["tdask"].stats(),
                                          workers=[encoder["worker"]])
                 stats = stats[encoder["worker"]]
                 new_pids = [s["pid"] for s in stats["triton"]]

@@ -48,7 +48,7 @@ def read_counts():
 
 
 async def _gpu_cluster():
-    from tdask.cluster import start_embedded_cluster
+    from tdask.deploy.cluster import start_embedded_cluster
 
     return await start_embedded_cluster(n_workers=0, gpus=2, protocol="ucx", scheduler_port=0,
                                         dashboard_address=":0")

@@ -107,7 +107,7 @@ class FrameCounter:
     def __init__(self, monkeypatch):
         import distributed.comm.tcp as tcp
 
-        import tdask.socket_comm as socket_comm
+        import tdask.comm.tcp as socket_comm
 
         self.total = 0
         original_tcp, original_socket = tcp.from_frames, socket_comm.loads
@@ -151,7 +151,7 @@ def test_a_future_passed_to_the_next_operator_moves_worker_to_worker(loop, sessi
 
 
 def _inputs_in_place(dask_worker) -> int:
-    return sum(c.shm_inputs_in_place for c in dask_worker.extensions["tdask"]._triton_clients.values())
+    return sum(server["shm"].get("inputs_in_place", 0) for server in dask_worker.extensions["tdask"].stats()["triton"])
 
 
 def test_a_kept_tensor_fetched_by_another_worker_is_its_models_input_in_place(loop, client, session, hello_world):

@@ -1,4 +1,4 @@
-"""Lanes (:mod:`tdask.lanes`): in deploy's layout, encoder_decoder's worker runs small encoder and decoder
+"""Lanes (:mod:`tdask.worker.lanes`): in deploy's layout, encoder_decoder's worker runs small encoder and decoder
 requests on their replicas' Triton servers itself, on slots the replicas lend it and ask back."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ pytestmark = pytest.mark.timeout(400)
 
 
 def service_stats(dask_worker: Any = None) -> dict:
-    return dask_worker.extensions["tdask"].handle_stats()
+    return dask_worker.extensions["tdask"].stats()
 
 
+@pytest.mark.slow
 def test_lanes_run_small_requests_from_the_callers_worker_within_the_replicas_slots(loop):
     """Pipeline requests at concurrency 8 on three workers, the encoder lending at most 2 slots:
     - every answer is right, and Triton ran each model exactly once per request;
@@ -29,7 +30,7 @@ def test_lanes_run_small_requests_from_the_callers_worker_within_the_replicas_sl
 
     import tdask
     from tdask import Deployment, OperatorConfig
-    from tdask.cluster import start_embedded_cluster
+    from tdask.deploy.cluster import start_embedded_cluster
 
     configs = [
         OperatorConfig("encoder", repository=MODELS, max_inflight=2),
@@ -119,6 +120,7 @@ def test_lanes_run_small_requests_from_the_callers_worker_within_the_replicas_sl
     assert not lanes["held"], lanes
 
 
+@pytest.mark.slow
 def test_with_deploys_defaults_no_request_waits_for_a_slot_a_lane_holds_idle(loop):
     """deploy's defaults (max in-flight 1 everywhere, a worker per operator), lanes keeping idle slots for an
     hour: a request that must wait at a replica gets the slot a lane holds only because the replica asks
@@ -129,7 +131,7 @@ def test_with_deploys_defaults_no_request_waits_for_a_slot_a_lane_holds_idle(loo
 
     import tdask
     from tdask import Deployment, OperatorConfig
-    from tdask.cluster import start_embedded_cluster
+    from tdask.deploy.cluster import start_embedded_cluster
 
     configs = [OperatorConfig("encoder", repository=MODELS), OperatorConfig("decoder", repository=MODELS),
                OperatorConfig("encoder_decoder", "encoder_decoder:EncoderDecoder", repository=OPERATORS)]
@@ -167,11 +169,13 @@ def test_with_deploys_defaults_no_request_waits_for_a_slot_a_lane_holds_idle(loo
 
 
 def test_lanes_take_only_small_numpy_requests_to_cpu_triton_replicas_of_other_processes_on_this_host():
-    from tdask.lanes import Lanes
+    from tdask.worker.lanes import Lanes
 
     class Session:
         class pool:  # noqa: N801 - a stand-in with the one attribute Lanes sets
             listener = None
+
+    import dask.config
 
     lanes = Lanes(Session(), "tcp://127.0.0.1:1")
     assert lanes.fits({"input": np.zeros(100, np.int64)})
@@ -179,9 +183,16 @@ def test_lanes_take_only_small_numpy_requests_to_cpu_triton_replicas_of_other_pr
     assert not lanes.fits({"input": np.array(["a"], dtype=object)})
     assert lanes.reaches("tcp://127.0.0.1:2") and not lanes.reaches("tcp://127.0.0.1:1")
     assert not lanes.reaches("tcp://10.1.2.3:2") and not lanes.reaches("tls://127.0.0.1:2")
-    assert Lanes.serves({"config": {"implementation": "TritonCoreOperator", "device": "CPU"}})
-    assert not Lanes.serves({"config": {"implementation": "TritonCoreOperator", "device": "GPU"}})
-    assert not Lanes.serves({"config": {"implementation": "encoder_decoder:EncoderDecoder", "device": "CPU"}})
+    workers = [{"worker": w} for w in ("tcp://127.0.0.1:2", "tcp://127.0.0.1:1", "tcp://10.1.2.3:2")]
+
+    def lane_workers(implementation: str, device: str) -> set[str]:
+        return lanes.workers({"config": {"implementation": implementation, "device": device}, "replicas": workers})
+
+    assert lane_workers("TritonCoreOperator", "CPU") == {"tcp://127.0.0.1:2"}
+    assert lane_workers("TritonCoreOperator", "GPU") == set()
+    assert lane_workers("encoder_decoder:EncoderDecoder", "CPU") == set()
+    with dask.config.set({"tdask.lanes.enabled": False}):
+        assert lane_workers("TritonCoreOperator", "CPU") == set()
 
 
 class _Stream:
@@ -197,8 +208,11 @@ class _Stream:
         return self.answer(msg)
 
 
-def _lanes_with_slots(held: int, answer: Any = None) -> tuple[Any, Any, list]:
-    from tdask.lanes import Lane, Lanes
+_LANE = {"model": "encoder", "server": 1, "grpc": "127.0.0.1:3", "http": "127.0.0.1:4"}
+
+
+def _lanes(answer: Any = None) -> tuple[Any, list]:
+    from tdask.worker.lanes import Lanes
 
     sent: list = []
 
@@ -211,17 +225,21 @@ def _lanes_with_slots(held: int, answer: Any = None) -> tuple[Any, Any, list]:
     class Session:
         pool = Pool()
 
-    lanes = Lanes(Session(), "tcp://127.0.0.1:1")
-    lane = Lane("enc-1", "tcp://127.0.0.1:2", {"model": "encoder", "server": 1, "grpc": "127.0.0.1:3",
-                                                "http": "127.0.0.1:4"})
-    lane.held = held
-    lanes._lanes["enc-1"] = lane
+    return Lanes(Session(), "tcp://127.0.0.1:1"), sent
+
+
+async def _lanes_with_slots(held: int) -> tuple[Any, Any, list]:
+    """Lanes holding ``held`` free slots of replica enc-1, lent in one answer to an ask."""
+    lanes, sent = _lanes(lambda msg: {"granted": held, "lane": _LANE, "id": 0})
+    lane = await lanes.ask("enc-1", "tcp://127.0.0.1:2")  # takes one of them for a request
+    lanes.done(lane, None, 0.0)  # which never ran: the slot is free again, nothing counted
+    sent.clear()
     return lanes, lane, sent
 
 
 def test_a_revoked_lane_returns_idle_slots_at_once_and_busy_ones_as_they_finish():
     async def main() -> None:
-        lanes, lane, sent = _lanes_with_slots(3)
+        lanes, lane, sent = await _lanes_with_slots(3)
         a = lanes.take("enc-1")
         b = lanes.take("enc-1")
         assert a is lane and b is lane and lane.free == 1
@@ -236,26 +254,26 @@ def test_a_revoked_lane_returns_idle_slots_at_once_and_busy_ones_as_they_finish(
         lanes.lost(lane.worker)  # the stream ended: the replica took everything back itself
         assert lanes.stats()["held"] == {} and len(sent) == 2
         assert lanes.stats()["ran"] == {"enc-1": 2}
-        await asyncio.sleep(0)
+        await lanes.close()
 
     asyncio.run(main())
 
 
 def test_a_broken_lane_gives_every_slot_back_and_still_reports_what_ran():
     async def main() -> None:
-        lanes, lane, sent = _lanes_with_slots(2)
+        lanes, lane, sent = await _lanes_with_slots(2)
         assert lanes.take("enc-1") is lane
         lanes.broken(lane)
         assert sent == [{"op": "lease-return", "replica": "enc-1", "slots": 2, "report": None}]
         lanes.done(lane, False, 0.01)  # the request that met the broken server
         assert sent[1]["op"] == "lease-report" and sent[1]["report"]["failed"] == 1
-        await asyncio.sleep(0)
+        await lanes.close()
 
     asyncio.run(main())
 
 
 def test_replica_slots_are_lent_only_when_no_request_waits_and_a_waiter_gets_a_returned_one():
-    from tdask.replica import _Slots
+    from tdask.worker.replica import _Slots
 
     async def main() -> None:
         slots = _Slots(2)
@@ -280,15 +298,12 @@ def test_slots_asked_back_before_the_grant_is_read_are_given_back_with_it():
     """The replica lends a slot, then a request of another caller waits there and it asks the slot back:
     both messages may arrive in one read, the revocation handled before the grant's answer is. The slot
     goes back at once instead of sitting idle while that request waits."""
-    info = {"model": "encoder", "server": 1, "grpc": "127.0.0.1:3", "http": "127.0.0.1:4"}
-
     async def main() -> None:
         def answer(msg: dict) -> dict:
             lanes.pushed("tcp://127.0.0.1:2", {"op": "revoke", "replica": "enc-1", "slots": 1})
-            return {"granted": 1, "lane": info, "id": 0}
+            return {"granted": 1, "lane": _LANE, "id": 0}
 
-        lanes, lane, sent = _lanes_with_slots(0, answer)
-        del lanes._lanes["enc-1"]
+        lanes, sent = _lanes(answer)
         assert await lanes.ask("enc-1", "tcp://127.0.0.1:2") is None  # the request goes to the replica
         assert [m["op"] for m in sent] == ["lease", "lease-return"] and sent[1]["slots"] == 1
         assert lanes.stats()["held"] == {}

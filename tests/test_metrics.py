@@ -11,9 +11,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from tdask.metrics import (
-    LATENCY_BUCKETS,
-    LatencyLog,
+from tdask.observe.metrics import (
     TdaskCollector,
     aggregate,
     cumulative_buckets,
@@ -21,6 +19,7 @@ from tdask.metrics import (
     percentile,
     replica_row,
 )
+from tdask.worker.stats import LATENCY_BUCKETS, LatencyLog
 
 NOW = 1_000_000.0
 
@@ -147,7 +146,7 @@ def test_collector_exposes_counters_histogram_gauges_and_triton_urls():
                                         ("pid", "42"), ("worker", "tcp://w1")))
     assert samples[key] == 1
     assert samples[("tdask_triton_server_up", (("pid", "42"), ("worker", "tcp://w1")))] == 1
-    collector.remove_source(collector._sources[0])
+    collector.remove_source(collector.sources()[0])
     assert "tdask_requests_total{" not in generate_latest(registry).decode()
 
 
@@ -220,7 +219,7 @@ def test_scheduler_metrics_count_exactly_the_requests_sent(loop, cluster, sessio
 
 
 def test_client_summary_table_and_json():
-    from tdask.client import ClientStats, summarize, summary_table
+    from tdask.cli.client import ClientStats, summarize, summary_table
 
     a = ClientStats(latencies=[0.010, 0.020, 0.030])
     b = ClientStats(latencies=[0.005] * 4, errors=["OverloadedError: full"])

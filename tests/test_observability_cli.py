@@ -16,7 +16,7 @@ import pytest
 from conftest import python_env
 from test_cli import Proc
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 PY = sys.executable
 
 
@@ -96,7 +96,7 @@ def test_dask_scheduler_preload_adds_the_page_and_metrics(tmp_path):
     dask_bin = f"{sys.executable.rsplit('/', 1)[0]}/dask"
     port, dash = free_port(), free_port()
     scheduler = Proc([dask_bin, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address",
-                      f"127.0.0.1:{dash}", "--preload", "tdask.dashboard"], tmp_path / "scheduler.log", env)
+                      f"127.0.0.1:{dash}", "--preload", "tdask.observe.dashboard"], tmp_path / "scheduler.log", env)
     try:
         scheduler.wait_for("Scheduler at:")
         base = f"http://127.0.0.1:{dash}"

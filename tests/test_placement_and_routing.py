@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from tdask import ConfigError, OperatorConfig, OperatorNotFoundError, PlacementError
-from tdask.placement import plan_placement
+from tdask.deploy.placement import plan_placement
 from tdask.registry import pick_version
-from tdask.routing import choose_replica
+from tdask.session.routing import choose_replica
 
 CPU3 = {f"tcp://w{i}": {"name": i, "resources": {}} for i in range(3)}
 
@@ -111,7 +111,7 @@ def test_pick_version_takes_latest_and_names_what_exists():
 
 
 def test_deploy_defaults_are_the_original_examples():
-    from deploy.__main__ import build_parser, operator_configs
+    from tdask.cli.deploy import build_parser, operator_configs
 
     configs = {c.name: c for c in operator_configs(build_parser().parse_args([]))}
     assert set(configs) == {"encoder", "decoder", "encoder_decoder"}
@@ -122,7 +122,7 @@ def test_deploy_defaults_are_the_original_examples():
 
 
 def test_deploy_positional_and_named_options():
-    from deploy.__main__ import build_parser, operator_configs
+    from tdask.cli.deploy import build_parser, operator_configs
 
     args = build_parser().parse_args([
         "--encoders", "2", "4", "3", "gpu", "--decoders", "1", "2", "1", "CPU", "--encoder-decoders", "3", "8",
@@ -137,7 +137,7 @@ def test_deploy_positional_and_named_options():
 
 
 def test_deploy_rejects_bad_positional_values():
-    from deploy.__main__ import build_parser, operator_configs
+    from tdask.cli.deploy import build_parser, operator_configs
 
     with pytest.raises(SystemExit, match="--encoders: device must be CPU or GPU"):
         operator_configs(build_parser().parse_args(["--encoders", "1", "1", "1", "TPU"]))
@@ -146,7 +146,7 @@ def test_deploy_rejects_bad_positional_values():
 
 
 def test_client_defaults_are_the_original_examples():
-    from tdask.client import build_parser
+    from tdask.cli.client import build_parser
 
     args = build_parser().parse_args([])
     assert (args.clients, args.requests_per_client, args.input_size_mean, args.input_size_stdev, args.operator) == (
@@ -154,7 +154,7 @@ def test_client_defaults_are_the_original_examples():
 
 
 def test_client_expected_outputs_match_the_models_definition():
-    from tdask.client import expected_output, make_input
+    from tdask.cli.client import expected_output, make_input
 
     x = np.array([0, 1, 2], dtype=np.int64)
     assert np.array_equal(expected_output("encoder", x, 2), ~np.array([0, 0, 1, 1, 2, 2]))
@@ -165,7 +165,7 @@ def test_client_expected_outputs_match_the_models_definition():
 def test_deploy_says_what_a_protocol_needs_instead_of_failing_to_start(monkeypatch):
     import dask.config
 
-    from deploy.__main__ import check_protocol
+    from tdask.cli.deploy import check_protocol
 
     with dask.config.set({"distributed.comm.tls.ca-file": None}):
         assert "distributed.comm.tls.ca-file" in check_protocol("tls")

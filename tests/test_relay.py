@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 from conftest import hello_world_configs, triton_successes
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 
 def relay_state(dask_worker=None) -> dict:
-    from tdask import shm_frames
-    from tdask.shm_regions import frame_pool
+    from tdask.shm import lending
+    from tdask.shm.mappings import Borrowed
+    from tdask.shm.regions import frame_pool
 
-    service = dask_worker.extensions["tdask"]
-    return {"counts": dict(shm_frames.counts), "triton": len(service._triton_clients),
-            "borrowed_now": sum(isinstance(r, shm_frames.Borrowed) for r in tuple(shm_frames._regions)),
+    triton = [server["shm"] for server in dask_worker.extensions["tdask"].stats()["triton"]]
+    return {"counts": dict(lending.counts), "triton": len(triton),
+            "borrowed_now": sum(isinstance(r, Borrowed) for r in lending.regions()),
             "pool_leased": frame_pool().leased_bytes,
-            "triton_leased": sum(region.leased for client in service._triton_clients.values()
-                                 for region in (client._pool.all if client._pool is not None else ())),
-            "from_peers": sum(client.shm_inputs_from_peers for client in service._triton_clients.values())}
+            "triton_leased": sum(shm.get("leased_regions", 0) for shm in triton),
+            "from_peers": sum(shm.get("inputs_from_peers", 0) for shm in triton)}
 
 
 def test_deploys_layout_moves_large_tensors_with_no_copy_in_any_worker_and_returns_every_loan(loop):
@@ -35,9 +35,11 @@ def test_deploys_layout_moves_large_tensors_with_no_copy_in_any_worker_and_retur
     from distributed import Client
 
     import tdask
-    from tdask import Deployment, shm_frames
-    from tdask.cluster import start_embedded_cluster
-    from tdask.shm_regions import frame_pool
+    from tdask import Deployment
+    from tdask.deploy.cluster import start_embedded_cluster
+    from tdask.shm import lending
+    from tdask.shm.mappings import mappings
+    from tdask.shm.regions import frame_pool
 
     async def scenario() -> dict:
         cluster = await start_embedded_cluster(n_workers=3, scheduler_port=0, dashboard_address=":0")
@@ -48,7 +50,7 @@ def test_deploys_layout_moves_large_tensors_with_no_copy_in_any_worker_and_retur
                 try:
                     out: dict = {"where": {i["name"]: i["worker"] for i in infos}}
                     out["before"] = await client.run(relay_state)
-                    caller_before = dict(shm_frames.counts)
+                    caller_before = dict(lending.counts)
                     ops = ("encoder", "decoder")
                     runs = [await triton_successes(infos, op) for op in ops]
                     async with await tdask.connect(client) as session:
@@ -60,14 +62,14 @@ def test_deploys_layout_moves_large_tensors_with_no_copy_in_any_worker_and_retur
                             np.testing.assert_array_equal(held[-1], x)
                         await asyncio.sleep(0.5)
                         out["holding"] = await client.run(relay_state)
-                        out["caller_mapped"] = shm_frames.counts["mapped"] - caller_before["mapped"]
-                        out["caller_holds"] = shm_frames.mappings.borrowed_bytes
+                        out["caller_mapped"] = lending.counts["mapped"] - caller_before["mapped"]
+                        out["caller_holds"] = mappings.borrowed_bytes
                         del held
                         await asyncio.sleep(0.5)  # the last acknowledgements
                         out["after"] = await client.run(relay_state)
                     out["runs"] = [await triton_successes(infos, op) - n for op, n in zip(ops, runs, strict=True)]
                     out["caller_leased"] = frame_pool().leased_bytes
-                    out["caller_held_after"] = shm_frames.mappings.borrowed_bytes
+                    out["caller_held_after"] = mappings.borrowed_bytes
                     return out
                 finally:
                     await deployment.stop()

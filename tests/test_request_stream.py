@@ -1,5 +1,6 @@
-"""The request stream on a plain socket (tdask.socket_comm): framing over real TCP, how it ends, and
-that callers of tcp:// workers use it (or Dask comms when configured), with clear errors when it cannot open."""
+"""The request stream on tdask's socket (tdask.comm.tcp, Dask's ``tdask://`` comm backend): framing over real
+TCP, how it ends, the hello that opens it (tdask.comm.protocol), lending through shared memory, and that callers
+of tcp:// workers use it (or Dask comms when configured), with clear errors when it cannot open."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator
+from typing import Any
 
 import dask.config
 import numpy as np
 import pytest
 from conftest import SUPPORT
-from distributed.comm import CommClosedError
+from distributed.comm import CommClosedError, connect, listen
 from distributed.protocol import to_serialize
 
-from tdask.socket_comm import _SMALL, SocketComm, SocketListener, connect_socket, socket_stream_wanted
+from tdask import ProtocolError
+from tdask.comm import protocol
+from tdask.comm.stream import open_stream
+from tdask.comm.tcp import _SMALL, SocketComm, socket_stream_wanted
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,23 +36,35 @@ async def _echo(comm: SocketComm) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _listening() -> AsyncIterator[tuple[SocketListener, asyncio.Queue[SocketComm]]]:
-    """A listener on a free local port whose accepted comms are queued, unread, for the test to use."""
+async def _listening(handle=None, landing=None) -> AsyncIterator[tuple[Any, asyncio.Queue[SocketComm]]]:
+    """A ``tdask://`` listener on a free local port (as a worker opens one); the comms it accepts, after Dask's
+    handshake, go to ``handle`` or are queued, unread, for the test to use."""
     accepted: asyncio.Queue[SocketComm] = asyncio.Queue()
-    listener = SocketListener("127.0.0.1", 0, accepted.put)
+    listener = listen("tdask://127.0.0.1:0", handle or accepted.put, landing=landing)
+    await listener.start()
     try:
         yield listener, accepted
     finally:
-        listener.close()
+        listener.stop()
+
+
+async def _connect(listener, landing=None) -> SocketComm:
+    return await connect(listener.contact_address, timeout=5, landing=landing)
 
 
 def test_messages_of_every_size_arrive_whole_and_in_order() -> None:
     """Frame sizes around the reused buffer's edge, empty frames, 8 MB tensors and batches, many in flight."""
 
     async def scenario() -> None:
-        listener = SocketListener("127.0.0.1", 0, _echo)
-        comm = await connect_socket("127.0.0.1", listener.port, 5)
-        try:
+        async with _listening(_echo) as (listener, _):
+            comm = await _connect(listener)
+            try:
+                await _echoed(comm)
+            finally:
+                comm.abort()
+
+    async def _echoed(comm: SocketComm) -> None:
+        if True:
             sizes = [0, 1, _SMALL // 8 - 4, _SMALL // 8, _SMALL // 8 + 1, 3 * _SMALL // 8 + 5, 1_000_000]
             sent = [{"i": i, "x": to_serialize(np.arange(n, dtype=np.int64)), "raw": bytes(n % 7)}
                     for i, n in enumerate(sizes)]
@@ -64,9 +81,6 @@ def test_messages_of_every_size_arrive_whole_and_in_order() -> None:
                 assert answer["i"] == msg["i"] and answer["raw"] == bytes(n % 7)
                 assert np.array_equal(answer["x"], np.arange(n, dtype=np.int64))
             assert [len(a["x"]) for a in answers[-1]] == sizes
-        finally:
-            comm.abort()
-            listener.close()
 
     asyncio.run(scenario())
 
@@ -85,9 +99,8 @@ def test_large_frames_are_received_where_the_listener_lands_them_small_ones_neve
         return memoryview(rooms[-1])
 
     async def scenario() -> None:
-        accepted: asyncio.Queue[SocketComm] = asyncio.Queue()
-        listener = SocketListener("127.0.0.1", 0, accepted.put, landing)
-        comm = await connect_socket("127.0.0.1", listener.port, 5)
+      async with _listening(landing=landing) as (listener, accepted):  # noqa: E111
+        comm = await _connect(listener)
         try:
             server = await accepted.get()
             rng = np.random.default_rng(3)
@@ -103,7 +116,6 @@ def test_large_frames_are_received_where_the_listener_lands_them_small_ones_neve
             server.abort()
         finally:
             comm.abort()
-            listener.close()
 
     asyncio.run(scenario())
 
@@ -111,7 +123,7 @@ def test_large_frames_are_received_where_the_listener_lands_them_small_ones_neve
 def test_abort_ends_a_pending_read_on_both_sides_and_frees_the_socket() -> None:
     async def scenario() -> None:
         async with _listening() as (listener, accepted):
-            comm = await connect_socket("127.0.0.1", listener.port, 5)
+            comm = await _connect(listener)
             server_side = await asyncio.wait_for(accepted.get(), 10)
             pending = asyncio.ensure_future(comm.read())
             peer_read = asyncio.ensure_future(server_side.read())
@@ -134,7 +146,7 @@ def test_both_ends_drop_a_silent_peer_like_dask_comms_do() -> None:
 
     async def scenario() -> list[tuple[int, int]]:
         async with _listening() as (listener, accepted):
-            comm = await connect_socket("127.0.0.1", listener.port, 5)
+            comm = await _connect(listener)
             server_side = await asyncio.wait_for(accepted.get(), 10)
             opts = [(c.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
                      c.socket.getsockopt(socket.SOL_TCP, 18))  # TCP_USER_TIMEOUT, ms
@@ -148,27 +160,41 @@ def test_both_ends_drop_a_silent_peer_like_dask_comms_do() -> None:
 
 
 def test_a_garbage_header_ends_the_stream_instead_of_allocating_it() -> None:
+    """Garbage in place of Dask's handshake closes the connection; garbage on an open stream ends it."""
+
     async def scenario() -> None:
         async with _listening() as (listener, accepted):
             raw = socket.create_connection(("127.0.0.1", listener.port))
-            server_side = await asyncio.wait_for(accepted.get(), 10)
             raw.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            raw.settimeout(10)
+
+            def until_closed() -> None:  # the listener's own handshake, then the end of the stream
+                while raw.recv(65536):
+                    pass
+
+            await asyncio.to_thread(until_closed)  # closed: no stream was ever handed over
+            raw.close()
+            assert accepted.empty()
+            comm = await _connect(listener)
+            server_side = await asyncio.wait_for(accepted.get(), 10)
+            await asyncio.get_running_loop().sock_sendall(comm.socket, b"GET / HTTP/1.1\r\n\r\n")
             with pytest.raises(CommClosedError, match="malformed"):
                 await asyncio.wait_for(server_side.read(), 5)
-            raw.close()
+            comm.abort()
 
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_a_batch_the_socket_takes_only_in_part_still_arrives_whole_and_in_order() -> None:
     """A small batch is sent from the writer's own step (no task); when the socket takes only part of it (the
     peer reads nothing yet), the rest goes out before anything else: later batches, which then wait for the
     socket in a task, and this comm's own control messages."""
-    from tdask.writer import CoalescingWriter
+    from tdask.comm.writer import CoalescingWriter
 
     async def scenario() -> None:
         async with _listening() as (listener, accepted):
-            client = await connect_socket("127.0.0.1", listener.port, 5)
+            client = await _connect(listener)
             server = await asyncio.wait_for(accepted.get(), 10)
             client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
             server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
@@ -177,7 +203,7 @@ def test_a_batch_the_socket_takes_only_in_part_still_arrives_whole_and_in_order(
 
             def watched_try_write(batch):
                 out = real_try_write(batch)
-                if client._tail is not None:  # the socket took this batch only in part
+                if client.sending:  # the socket took this batch only in part
                     partial.append(batch[0]["i"])
                 return out
 
@@ -189,18 +215,22 @@ def test_a_batch_the_socket_takes_only_in_part_still_arrives_whole_and_in_order(
                 while sent < 4000 and (not partial or sent < partial[0] + 20):
                     writer.send({"i": sent, "x": to_serialize(payload + sent)})
                     sent += 1
-                    # a control message queued behind the batch: when the batch went only in part, its rest
-                    # must go first (the control message's task runs before the one made for the rest)
-                    controls.append(asyncio.ensure_future(client.hello()))
+                    # a whole message written behind the batch: when the batch went only in part, its rest
+                    # must go first (that write's task runs before the one made for the rest)
+                    controls.append(asyncio.ensure_future(client.write({"i": "between"})))
                     await asyncio.sleep(0)  # the batch leaves at the start of the next iteration
                 assert partial, "the socket took every batch whole: the partial send was never made"
                 received = []
-                while len(received) < sent:  # reading now lets the rest and the waiting batches out
-                    received += await asyncio.wait_for(server.read(), 30)
-                for i, msg in enumerate(received):
+                while len([m for m in received if m["i"] != "between"]) < sent:  # reading lets the rest out
+                    got = await asyncio.wait_for(server.read(), 30)
+                    received += list(got) if isinstance(got, (list, tuple)) else [got]
+                batches = [m for m in received if m["i"] != "between"]
+                for i, msg in enumerate(batches):
                     assert msg["i"] == i and np.array_equal(msg["x"], payload + i), f"message {i} came out wrong"
                 await asyncio.wait_for(asyncio.gather(*controls), 10)
-                assert client._tail is None and writer._task is None
+                while len(received) - len(batches) < len(controls):  # every write between arrived whole too
+                    received.append(await asyncio.wait_for(server.read(), 30))
+                assert not client.sending and writer.idle
             finally:
                 writer.abort()
                 server.abort()
@@ -215,10 +245,10 @@ def test_serve_hands_small_messages_over_from_the_readiness_callback_and_reads_t
 
     async def scenario() -> None:
         async with _listening() as (listener, accepted):
-            client = await connect_socket("127.0.0.1", listener.port, 5)
+            client = await _connect(listener)
             server = await asyncio.wait_for(accepted.get(), 10)
             await client.write({"i": "first"})
-            assert await server.read() == {"i": "first"}  # and the hello before it
+            assert await server.read() == {"i": "first"}
             got: list = []
             serving = asyncio.ensure_future(server.serve(lambda msg: got.append((msg, asyncio.current_task()))))
             try:
@@ -229,13 +259,17 @@ def test_serve_hands_small_messages_over_from_the_readiness_callback_and_reads_t
                 await asyncio.sleep(0.1)
                 await client.write([{"i": 1}, {"i": 2, "x": to_serialize(np.arange(10))}])  # a batch
                 await asyncio.sleep(0.1)
-                await client.hello()  # a control message between two messages: the next is handed over again
-                await asyncio.sleep(0.1)
+                client.agree(client.identity())  # both ends lend from now on
+                server.agree(server.identity())
+                lent = _region()
+                await server.write({"x": to_serialize(lent.view(np.int64, [200_000], 0))})
+                await asyncio.wait_for(client.read(), 10)  # the client acknowledges the loan: a control message
+                await asyncio.sleep(0.1)  # arrives between two messages; the next is handed over again
                 # a 30 KB message, then a 48 KB one arriving in pieces: the second no longer fits behind the
                 # first in the 64 KiB buffer, so it is moved to the front while its rest is awaited
                 pieces = []
                 for i, n in ((3, 30_000 // 8), (4, 48_000 // 8)):
-                    head, views, _ = client._encode({"i": i, "x": to_serialize(np.arange(n))})
+                    head, views, _ = client.encode({"i": i, "x": to_serialize(np.arange(n))})
                     pieces.append(b"".join([head, *views]))
                 data = b"".join(pieces)
                 for at in range(0, len(data), 20_000):
@@ -248,6 +282,7 @@ def test_serve_hands_small_messages_over_from_the_readiness_callback_and_reads_t
                     await asyncio.sleep(0.05)
                 ids = [m["i"] if isinstance(m, dict) else [x["i"] for x in m] for m, _ in got]
                 assert ids == [0, "large", [1, 2], 3, 4, 5]
+                assert server.loans == 0  # the serving task read the acknowledgement
                 sizes = {0: 100, "large": _SMALL, 3: 30_000 // 8, 4: 48_000 // 8}
                 for msg, _ in got:
                     if isinstance(msg, dict) and msg["i"] in sizes:
@@ -257,6 +292,7 @@ def test_serve_hands_small_messages_over_from_the_readiness_callback_and_reads_t
                 assert all(tasks[k] is None for k in ("0", "batch", "3", "4", "5"))  # the readiness callback
             finally:
                 client.abort()
+                lent.destroy()
             with pytest.raises(CommClosedError):
                 await asyncio.wait_for(serving, 10)
             server.abort()
@@ -267,7 +303,7 @@ def test_serve_hands_small_messages_over_from_the_readiness_callback_and_reads_t
 def test_serve_ends_on_a_malformed_small_message_and_passes_on_its_handlers_error() -> None:
     async def serve_until_it_ends(payload: bytes, handle) -> BaseException:
         async with _listening() as (listener, accepted):
-            client = await connect_socket("127.0.0.1", listener.port, 5)
+            client = await _connect(listener)
             server = await asyncio.wait_for(accepted.get(), 10)
             serving = asyncio.ensure_future(server.serve(handle))
             client.socket.send(payload)
@@ -384,49 +420,73 @@ def test_an_answer_the_caller_dropped_is_not_held_by_its_stream(loop, client, he
     assert loop.run(run())
 
 
-# -- large frames lent through shared memory (tdask.shm_frames) -----------------------------------
+# -- the hello ------------------------------------------------------------------------------------
+def test_a_peer_of_another_protocol_version_is_a_clear_error_naming_both_versions() -> None:
+    with pytest.raises(ProtocolError, match=r"version 7, this process version 1"):
+        protocol.check_hello({"op": "hello", "version": 7, "host": b""}, "tcp://10.0.0.1:1")
+    with pytest.raises(ProtocolError, match="did not open the request stream with tdask's hello"):
+        protocol.check_hello({"op": "infer"}, "tcp://10.0.0.1:1")
+
+    async def scenario() -> None:
+        async with _listening() as (listener, accepted):
+            client = await _connect(listener)
+            server = await asyncio.wait_for(accepted.get(), 10)
+            await server.write({**protocol.hello(b""), "version": 2})  # a worker of a later tdask
+            with pytest.raises(ProtocolError, match=r"speaks tdask's request-stream protocol version 2, this process "
+                                                    r"version 1"):
+                await open_stream(client, 5)
+            client.abort()
+            server.abort()
+
+    asyncio.run(scenario())
+
+
+def test_every_message_kind_is_in_the_protocols_table() -> None:
+    """What the code sends is what the table lists: the op constants and the table are the same set."""
+    ops = {value for name, value in vars(protocol).items() if name.isupper() and isinstance(value, str)
+           and not name.endswith("HANDLER")}
+    assert ops == set(protocol.MESSAGES)
+
+
+# -- large frames lent through shared memory (tdask.shm.lending) -----------------------------------
 def _region(size: int = 2 << 20):
     import os
     import uuid
 
-    from tdask.shm_regions import Region
-    from tdask.triton_server import POOL_SHM_PREFIX
+    from tdask.shm.names import REGION_PREFIX
+    from tdask.shm.regions import Region
 
-    return Region(f"{POOL_SHM_PREFIX}{os.getpid()}_test{uuid.uuid4().hex[:8]}", size)
+    return Region(f"{REGION_PREFIX}{os.getpid()}_test{uuid.uuid4().hex[:8]}", size)
 
 
-async def _pair(listener, accepted) -> tuple[SocketComm, SocketComm]:
-    """Both ends of one stream, each having read the other's hello (it precedes the first message)."""
-    client = await connect_socket("127.0.0.1", listener.port, 5)
+async def _pair(listener, accepted, landing=None) -> tuple[SocketComm, SocketComm]:
+    """Both ends of one stream, each having read the other's hello."""
+    client = await _connect(listener, landing)
     server = await asyncio.wait_for(accepted.get(), 10)
-    await client.write({"op": "hi"})
-    assert await asyncio.wait_for(server.read(), 10) == {"op": "hi"}
-    await server.write({"op": "hi"})
-    assert await asyncio.wait_for(client.read(), 10) == {"op": "hi"}
+    await asyncio.gather(open_stream(client, 10), open_stream(server, 10))
     return client, server
 
 
 def test_a_stream_knows_whether_it_may_lend_as_soon_as_it_is_open() -> None:
-    """The opening end waits for the listener's hello, so even its first message may carry loans; a listener
+    """Each end reads the other's hello before anything else, so even the first message may carry loans; an end
     that lends nothing still says hello (an empty one), so opening never waits for a hello that never comes."""
 
-    async def opened() -> bool:
+    async def opened() -> tuple[bool, bool]:
         async with _listening() as (listener, accepted):
-            client = await connect_socket("127.0.0.1", listener.port, 5)
-            server = await asyncio.wait_for(accepted.get(), 10)
-            shares = client.peer_shares_memory
+            client, server = await _pair(listener, accepted)
+            shares = client.peer_shares_memory, server.peer_shares_memory
             client.abort()
             server.abort()
             return shares
 
-    assert asyncio.run(opened()) is True
+    assert asyncio.run(opened()) == (True, True)
     with dask.config.set({"tdask.transfer.shared-memory-frames": False}):
-        assert asyncio.run(asyncio.wait_for(opened(), 10)) is False
+        assert asyncio.run(asyncio.wait_for(opened(), 10)) == (False, False)
 
 
 def test_a_tensor_in_a_shared_memory_region_is_lent_not_sent_and_held_until_acknowledged() -> None:
-    from tdask import shm_frames
-    from tdask.shm_regions import frame_pool
+    from tdask.shm import lending
+    from tdask.shm.regions import frame_pool
 
     async def scenario() -> None:
         region = _region()
@@ -439,11 +499,11 @@ def test_a_tensor_in_a_shared_memory_region_is_lent_not_sent_and_held_until_ackn
                 x[:] = np.arange(200_000)
                 other = np.arange(200_000, dtype=np.int64) * 3  # 1.6 MB in no region: copied into the frame pool
                 small = np.arange(100_000, dtype=np.int64) * 5  # 800 KB: cheaper through the socket than copied
-                before, leased = dict(shm_frames.counts), pool.leased_bytes
+                before, leased = dict(lending.counts), pool.leased_bytes
                 wire = await server.write({"x": to_serialize(x), "other": to_serialize(other),
                                            "small": to_serialize(small)})
                 assert wire < small.nbytes + 1024  # neither 1.6 MB tensor went through the socket; small did
-                assert len(server._lent) == 2  # held until the peer says it has read them
+                assert server.loans == 2  # held until the peer says it has read them
                 assert pool.leased_bytes == leased + (2 << 20)  # other's copy, in a 2 MiB region
                 got = await asyncio.wait_for(client.read(), 10)
                 x[:] = -1  # the receiver has its own copy: the sender may reuse the region
@@ -451,15 +511,15 @@ def test_a_tensor_in_a_shared_memory_region_is_lent_not_sent_and_held_until_ackn
                 np.testing.assert_array_equal(got["x"], np.arange(200_000))
                 np.testing.assert_array_equal(got["other"], np.arange(200_000) * 3)
                 np.testing.assert_array_equal(got["small"], small)
-                assert shm_frames.counts["lent"] - before["lent"] == 2
-                assert shm_frames.counts["staged"] - before["staged"] == 1
-                assert shm_frames.counts["borrowed"] - before["borrowed"] == 2
+                assert lending.counts["lent"] - before["lent"] == 2
+                assert lending.counts["staged"] - before["staged"] == 1
+                assert lending.counts["borrowed"] - before["borrowed"] == 2
                 reading = asyncio.ensure_future(server.read())  # the ack arrives on the server's reads
                 for _ in range(100):
-                    if not server._lent:
+                    if not server.loans:
                         break
                     await asyncio.sleep(0.05)
-                assert not server._lent and region.reusable
+                assert not server.loans and region.reusable
                 assert pool.leased_bytes == leased  # the copy's region is back in the pool
                 reading.cancel()
             finally:
@@ -472,7 +532,7 @@ def test_a_tensor_in_a_shared_memory_region_is_lent_not_sent_and_held_until_ackn
 
 def test_a_receiver_unmaps_a_peers_regions_when_the_stream_ends_or_the_peer_removes_them() -> None:
     """Mappings of a peer's regions hold that memory: they go with the stream, or once the file is gone."""
-    from tdask import shm_frames
+    from tdask.shm.mappings import mappings
 
     async def borrow(region, client: SocketComm, server: SocketComm) -> None:
         reading = asyncio.ensure_future(client.read())
@@ -484,17 +544,17 @@ def test_a_receiver_unmaps_a_peers_regions_when_the_stream_ends_or_the_peer_remo
         async with _listening() as (listener, accepted):
             client, server = await _pair(listener, accepted)
             await borrow(first, client, server)
-            assert first.name in shm_frames.mappings._maps
+            assert first.name in mappings.mapped()
             client.abort()  # the stream ends: what it borrowed is unmapped here
             server.abort()
-            assert first.name not in shm_frames.mappings._maps
+            assert first.name not in mappings.mapped()
 
             client, server = await _pair(listener, accepted)
             await borrow(second, client, server)
-            assert second.name in shm_frames.mappings._maps
+            assert second.name in mappings.mapped()
             second.destroy()  # its owner removed it while the stream lives on
-            shm_frames.mappings.forget_removed()
-            assert second.name not in shm_frames.mappings._maps
+            mappings.sweep()
+            assert second.name not in mappings.mapped()
             client.abort()
             server.abort()
         first.destroy()
@@ -508,9 +568,9 @@ def test_a_loan_the_peer_never_acknowledged_retires_its_region_when_the_stream_e
         async with _listening() as (listener, accepted):
             client, server = await _pair(listener, accepted)
             await server.write({"x": to_serialize(region.view(np.int64, [100_000], 0))})
-            assert server._lent and region.reusable
+            assert server.loans and region.reusable
             server.abort()  # the client never read it: it may still, so the region must never be reused
-            assert not server._lent and not region.reusable
+            assert not server.loans and not region.reusable
             client.abort()
         region.destroy()
 
@@ -518,23 +578,22 @@ def test_a_loan_the_peer_never_acknowledged_retires_its_region_when_the_stream_e
 
 
 def test_nothing_is_lent_to_a_peer_on_another_host_or_when_turned_off() -> None:
-    from tdask.socket_comm import _CONTROL, _HELLO, _U64
-
     async def sent_bytes(fake_identity: bytes | None) -> int:
         region = _region()
         async with _listening() as (listener, accepted):
-            client = await connect_socket("127.0.0.1", listener.port, 5)
+            client = await _connect(listener)
             server = await asyncio.wait_for(accepted.get(), 10)
-            if fake_identity is not None:  # a later hello from "elsewhere" overrides the real one
-                await client._send(_U64.pack(_CONTROL | _HELLO) + _U64.pack(len(fake_identity)) + fake_identity)
-            await client.write({"op": "hi"})
-            await asyncio.wait_for(server.read(), 10)
+            if fake_identity is not None:  # a peer whose hello says it is elsewhere
+                await client.write(protocol.hello(fake_identity))
+                await asyncio.gather(open_stream(server, 10), client.read())
+            else:
+                await asyncio.gather(open_stream(client, 10), open_stream(server, 10))
             x = region.view(np.int64, [100_000], 0)
             x[:] = 7
             reading = asyncio.ensure_future(client.read())
             wire = await server.write({"x": to_serialize(x)})
             np.testing.assert_array_equal((await asyncio.wait_for(reading, 10))["x"], np.full(100_000, 7))
-            assert not server._lent
+            assert not server.loans
             client.abort()
             server.abort()
         region.destroy()
@@ -548,27 +607,29 @@ def test_nothing_is_lent_to_a_peer_on_another_host_or_when_turned_off() -> None:
 def test_the_frame_pool_reuses_regions_refuses_past_its_limit_and_never_reuses_a_retired_one() -> None:
     import os
 
-    from tdask.shm_regions import FramePool
+    from tdask.shm.regions import FramePool
 
-    pool = FramePool(limit=6 << 20, idle_limit=4 << 20)
-    try:
-        assert pool.lease(1_000_000) is None and pool.refused == 0  # under 1 MiB: the socket is cheaper
-        first = pool.lease(3_000_000)  # a 4 MiB region
-        (region,) = pool._leased
-        assert first is not None and first.nbytes == 3_000_000 and pool.leased_bytes == 4 << 20
-        assert pool.lease(3_000_000) is None and pool.refused == 1  # 8 MiB would pass the limit
-        small = pool.lease(1_500_000)  # 2 MiB still fits
-        assert small is not None and pool.leased_bytes == 6 << 20
-        del first
-        assert pool.leased_bytes == 2 << 20 and pool.idle_bytes == 4 << 20  # back when its last view went
-        again = pool.lease(3_000_000)
-        assert again is not None and region in pool._leased  # the same region, reused
-        region.retire()  # as a stream does when it breaks before the peer acknowledged a loan from it
-        del again
-        assert region.name not in os.listdir("/dev/shm") and pool.idle_bytes == 0  # removed, not kept
-        assert pool.lease(3_000_000) is not None and region not in pool._leased
-    finally:
-        pool.close()
+    with dask.config.set({"tdask.transfer.shared-memory-frames-bytes": 6 << 20,
+                          "tdask.transfer.shared-memory-frames-idle-bytes": 4 << 20}):
+        pool = FramePool()
+        try:
+            assert pool.view(1_000_000) is None and pool.refused == 0  # under 1 MiB: the socket is cheaper
+            first = pool.view(3_000_000)  # a 4 MiB region
+            (region,) = pool.leased()
+            assert first is not None and first.nbytes == 3_000_000 and pool.leased_bytes == 4 << 20
+            assert pool.view(3_000_000) is None and pool.refused == 1  # 8 MiB would pass the limit
+            small = pool.view(1_500_000)  # 2 MiB still fits
+            assert small is not None and pool.leased_bytes == 6 << 20
+            del first
+            assert pool.leased_bytes == 2 << 20 and pool.idle_bytes == 4 << 20  # back when its last view went
+            again = pool.view(3_000_000)
+            assert again is not None and region in pool.leased()  # the same region, reused
+            region.retire()  # as a stream does when it breaks before the peer acknowledged a loan from it
+            del again
+            assert region.name not in os.listdir("/dev/shm") and pool.idle_bytes == 0  # removed, not kept
+            assert pool.view(3_000_000) is not None and region not in pool.leased()
+        finally:
+            pool.close()
     assert not [name for name in os.listdir("/dev/shm") if name.startswith(pool.prefix)]
 
 
@@ -577,10 +638,10 @@ def test_the_frame_pool_leaves_no_file_behind_when_its_process_exits() -> None:
     import subprocess
     import sys
 
-    code = ("from tdask.shm_regions import frame_pool\n"
+    code = ("from tdask.shm.regions import frame_pool\n"
             "pool = frame_pool()\n"
-            "held = pool.lease(3_000_000)\n"  # still leased at exit
-            "pool.lease(2_000_000)\n"  # back in the pool at once: idle at exit
+            "held = pool.view(3_000_000)\n"  # still leased at exit
+            "pool.view(2_000_000)\n"  # back in the pool at once: idle at exit
             "assert pool.leased_bytes and pool.idle_bytes\n"
             "print(pool.prefix)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -592,25 +653,25 @@ def test_the_frame_pool_leaves_no_file_behind_when_its_process_exits() -> None:
 
 
 def test_a_tensor_is_sent_through_the_socket_when_the_frame_pool_is_full() -> None:
-    from tdask import shm_frames
-    from tdask.shm_regions import frame_pool
+    from tdask.shm import lending
+    from tdask.shm.regions import frame_pool
 
     async def scenario() -> int:
         pool = frame_pool()
         async with _listening() as (listener, accepted):
             client, server = await _pair(listener, accepted)
-            limit, pool.limit = pool.limit, pool.leased_bytes  # no room left
+            full = dask.config.set({"tdask.transfer.shared-memory-frames-bytes": pool.leased_bytes})  # no room left
             try:
                 x = np.arange(200_000, dtype=np.int64)
-                before, refused = dict(shm_frames.counts), pool.refused
+                before, refused = dict(lending.counts), pool.refused
                 wire = await server.write({"x": to_serialize(x)})
                 np.testing.assert_array_equal((await asyncio.wait_for(client.read(), 10))["x"], x)
-                assert pool.refused == refused + 1 and not server._lent
-                assert shm_frames.counts["sent"] - before["sent"] == 1
-                assert shm_frames.counts["lent"] == before["lent"]
+                assert pool.refused == refused + 1 and not server.loans
+                assert lending.counts["sent"] - before["sent"] == 1
+                assert lending.counts["lent"] == before["lent"]
                 return wire
             finally:
-                pool.limit = limit
+                full.__exit__(None, None, None)
                 client.abort()
                 server.abort()
 
@@ -625,9 +686,9 @@ def test_a_relay_maps_a_lent_frame_in_place_lends_it_on_by_the_lenders_name_and_
     lent into its frame pool and returns it at once."""
     import gc
 
-    from tdask import shm_frames
-    from tdask.shm_regions import frame_pool
-    from tdask.socket_comm import IN_PLACE
+    from tdask.shm import lending
+    from tdask.shm.lending import IN_PLACE
+    from tdask.shm.regions import frame_pool
 
     async def in_place(nbytes: int, lent: bool):
         return IN_PLACE
@@ -641,9 +702,8 @@ def test_a_relay_maps_a_lent_frame_in_place_lends_it_on_by_the_lenders_name_and_
 
     async def scenario() -> None:
         region = _region()
-        relay = SocketListener("127.0.0.1", 0, (relayed := asyncio.Queue()).put, in_place)
         try:
-            async with _listening() as (sink, accepted):
+            async with _listening(landing=in_place) as (relay, relayed), _listening() as (sink, accepted):
                 a, b_in = await _pair(relay, relayed)
                 b_out, c = await _pair(sink, accepted)
                 a_reads = asyncio.ensure_future(a.read())  # A takes its acks on its reads
@@ -651,46 +711,46 @@ def test_a_relay_maps_a_lent_frame_in_place_lends_it_on_by_the_lenders_name_and_
                 try:
                     x = region.view(np.int64, [200_000], 4096 + 8)  # not at a page's start
                     x[:] = np.arange(200_000)
-                    before = dict(shm_frames.counts)
+                    before = dict(lending.counts)
                     await a.write({"x": to_serialize(x)})
                     got = (await asyncio.wait_for(b_in.read(), 10))["x"]
-                    assert shm_frames.counts["mapped"] - before["mapped"] == 1
+                    assert lending.counts["mapped"] - before["mapped"] == 1
                     assert got.flags.writeable and not np.shares_memory(got, x)
                     np.testing.assert_array_equal(got, np.arange(200_000))
                     wire = await b_out.write({"x": to_serialize(got)})
                     assert wire < 1024  # lent on, not sent
-                    assert shm_frames.counts["relent"] - before["relent"] == 1
-                    assert shm_frames.counts["staged"] == before["staged"]  # and not copied first
+                    assert lending.counts["relent"] - before["relent"] == 1
+                    assert lending.counts["staged"] == before["staged"]  # and not copied first
                     np.testing.assert_array_equal((await asyncio.wait_for(c.read(), 10))["x"], np.arange(200_000))
-                    await until(lambda: not b_out._lent, "C did not acknowledge B's loan")
+                    await until(lambda: not b_out.loans, "C did not acknowledge B's loan")
                     await asyncio.sleep(0.1)
-                    assert len(a._lent) == 1  # B still holds a view of A's frame
+                    assert a.loans == 1  # B still holds a view of A's frame
                     del got
                     gc.collect()
-                    await until(lambda: not a._lent, "B did not give A's frame back when its view went")
+                    await until(lambda: not a.loans, "B did not give A's frame back when its view went")
 
                     await a.write({"x": to_serialize(x)})
                     got = (await asyncio.wait_for(b_in.read(), 10))["x"]
                     got[0] = -7  # B's own page now: A's region does not hold it
-                    before = dict(shm_frames.counts)
+                    before = dict(lending.counts)
                     await b_out.write({"x": to_serialize(got)})
-                    assert shm_frames.counts["relent"] == before["relent"]
-                    assert shm_frames.counts["staged"] - before["staged"] == 1
+                    assert lending.counts["relent"] == before["relent"]
+                    assert lending.counts["staged"] - before["staged"] == 1
                     seen = (await asyncio.wait_for(c.read(), 10))["x"]
                     assert seen[0] == -7 and x[0] == 0
                     np.testing.assert_array_equal(seen[1:], np.arange(1, 200_000))
                     del got
                     gc.collect()
-                    await until(lambda: not a._lent, "B did not give A's second frame back")
+                    await until(lambda: not a.loans, "B did not give A's second frame back")
 
                     with dask.config.set({"tdask.transfer.mapped-frames-bytes": x.nbytes - 1}):  # over the cap
-                        before = dict(shm_frames.counts)
+                        before = dict(lending.counts)
                         await a.write({"x": to_serialize(x)})
                         got = (await asyncio.wait_for(b_in.read(), 10))["x"]
-                        assert shm_frames.counts["mapped"] == before["mapped"]  # copied, into B's frame pool
-                        found = shm_frames.find(memoryview(got))
+                        assert lending.counts["mapped"] == before["mapped"]  # copied, into B's frame pool
+                        found = lending.find(memoryview(got))
                         assert found is not None and found[0].name.startswith(frame_pool().prefix)
-                        await until(lambda: not a._lent, "A's frame, copied, was not acknowledged at once")
+                        await until(lambda: not a.loans, "A's frame, copied, was not acknowledged at once")
                         np.testing.assert_array_equal(got, np.arange(200_000))
                 finally:
                     a_reads.cancel()
@@ -698,20 +758,20 @@ def test_a_relay_maps_a_lent_frame_in_place_lends_it_on_by_the_lenders_name_and_
                     for comm in (a, b_in, b_out, c):
                         comm.abort()
         finally:
-            relay.close()
             region.destroy()
 
     asyncio.run(scenario())
 
 
 def test_a_loan_that_names_anything_but_a_tdask_region_ends_the_stream() -> None:
-    from tdask.socket_comm import _LENT, _LOAN, _U64
+    from tdask.comm.tcp import _LENT, _LOAN, _U64
 
     async def scenario(name: bytes) -> str:
         async with _listening() as (listener, accepted):
             client, server = await _pair(listener, accepted)
             loan = _LOAN.pack(1, 0, 100) + name
-            await client._send(_U64.pack(1) + _U64.pack(len(loan) | _LENT) + loan)
+            await asyncio.get_running_loop().sock_sendall(client.socket,
+                                                          _U64.pack(1) + _U64.pack(len(loan) | _LENT) + loan)
             with pytest.raises(CommClosedError, match="malformed") as info:
                 await asyncio.wait_for(server.read(), 10)
             client.abort()
@@ -728,16 +788,16 @@ def test_large_tensors_leave_a_worker_through_shared_memory_and_every_loan_is_re
     server) after one copy into the frame pool. None goes through a socket, each loan is borrowed at the
     other end, and the pipeline still returns its input."""
     import tdask
-    from tdask import shm_frames
+    from tdask.shm import lending
 
     def counts(dask_worker=None) -> dict[str, int]:
-        from tdask import shm_frames
+        from tdask.shm import lending
 
-        return dict(shm_frames.counts)
+        return dict(lending.counts)
 
     async def totals() -> dict[str, int]:
-        every = [*(await client.run(counts)).values(), shm_frames.counts]
-        return {key: sum(c[key] for c in every) for key in shm_frames.counts}
+        every = [*(await client.run(counts)).values(), lending.counts]
+        return {key: sum(c[key] for c in every) for key in lending.counts}
 
     async def run() -> dict[str, int]:
         before = await totals()

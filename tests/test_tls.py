@@ -19,7 +19,7 @@ import pytest
 from conftest import python_env
 from test_cli import Proc, check_client_output, run_client
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 def make_certificates(folder: Path) -> dict[str, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tdask.errors import ConfigError
-from tdask.triton_config import merge_model_config, model_versions, read_model_config
+from tdask.triton.model_config import merge_model_config, model_versions, read_model_config
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "operators" / "triton_core_models"
 

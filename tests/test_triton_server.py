@@ -1,4 +1,4 @@
-"""Integration tests against a real tritonserver started by :class:`tdask.triton_server.TritonServer`.
+"""Integration tests against a real tritonserver started by :class:`tdask.triton.server.TritonServer`.
 
 One server per module (startup and model loads cost seconds on 2 cores); each test runs its
 coroutine on one module-scoped event loop, because the server's process and gRPC channels
@@ -23,9 +23,9 @@ import pytest
 from conftest import settled_count
 
 from tdask.errors import InvalidRequestError, TritonError, TritonServerError
-from tdask.triton_client import TritonModelClient
-from tdask.triton_config import merge_model_config, read_model_config
-from tdask.triton_server import TritonServer, pytriton_server_root, success_count
+from tdask.triton.client import TritonModelClient
+from tdask.triton.model_config import merge_model_config, read_model_config
+from tdask.triton.server import TritonServer, pytriton_server_root, success_count
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -196,9 +196,8 @@ def test_concurrent_requests_sharing_an_id_get_their_own_answers(env: Env) -> No
 
     for n, result in enumerate(env.run(many()), start=1):
         np.testing.assert_array_equal(result["output"], ~np.repeat(np.arange(n, dtype=np.int64), 1 + n % 3))
-    http = env.client._http
-    assert http._open and len(http._idle) == len(http._open) <= 40
-    assert not any(conn.closed for conn in http._idle)
+    http = env.client.stats()["http"]
+    assert 0 < http["open"] == http["idle"] <= 40  # kept and reused, none left closed among the idle ones
 
 
 def stand_in_server(root: Path, script: str) -> Path:
@@ -214,12 +213,12 @@ def stand_in_server(root: Path, script: str) -> Path:
 
 
 def _leased(client: TritonModelClient) -> int:
-    return sum(region.leased for region in client._pool.all) if client._pool is not None else 0
+    return client.stats()["leased_regions"]
 
 
 def _in_region(client: TritonModelClient, array: np.ndarray) -> bool:
     """Whether ``array`` views one of the client's leased shared-memory regions (not a copy)."""
-    return any(region.holds(array) is not None for region in client._pool.all if region.leased)
+    return client.pool is not None and client.pool.find(array) is not None
 
 
 async def _load_encoder(server: TritonServer, instances: int, **parameters: Any) -> None:
@@ -236,7 +235,7 @@ def test_large_outputs_are_region_views_passed_on_in_place(env: Env) -> None:
     before = success_count(env.run(env.server.model_statistics("decoder")))
     shm_calls, in_place = env.client.shm_calls, env.client.shm_inputs_in_place
     encoded = env.infer("encoder", x)
-    regions = {region.name: region for region in env.client._pool.all}
+    regions = {region.name: region for region in env.client.pool.regions()}
     assert _in_region(env.client, encoded["output"])
     np.testing.assert_array_equal(encoded["output"], ~np.repeat(x, 2))
     decoded = env.infer("decoder", encoded["output"], parameters={"input_copies": 2})
@@ -254,7 +253,7 @@ def test_large_outputs_are_region_views_passed_on_in_place(env: Env) -> None:
     del view
     assert _leased(env.client) == 0
     again = env.infer("encoder", x)["output"]  # pooled regions are reused, not created again
-    assert {r.name for r in env.client._pool.all} <= set(regions)
+    assert {r.name for r in env.client.pool.regions()} <= set(regions)
     del again
 
 
@@ -291,20 +290,21 @@ def test_a_tensor_another_process_lent_is_read_where_it_lies_and_its_region_drop
     removed the region."""
     import uuid
 
-    import tdask.triton_peers
-    from tdask import shm_frames
-    from tdask.shm_regions import Region
-    from tdask.triton_server import POOL_SHM_PREFIX
+    import dask.config
 
-    monkeypatch.setattr(tdask.triton_peers, "_SWEEP_EVERY", 0.2)
-    lender = Region(f"{POOL_SHM_PREFIX}{os.getpid()}_lender{uuid.uuid4().hex[:8]}", 16 << 20)
+    from tdask.shm.mappings import mappings
+    from tdask.shm.names import REGION_PREFIX
+    from tdask.shm.regions import Region
+
+    monkeypatch.setitem(dask.config.config["tdask"]["transfer"], "sweep-interval", "200ms")
+    lender = Region(f"{REGION_PREFIX}{os.getpid()}_lender{uuid.uuid4().hex[:8]}", 16 << 20)
     x = np.random.default_rng(9).integers(-(2**40), 2**40, 1_000_000, dtype=np.int64)
     offset = 3 * 4096 + 64  # where the lender put it: not at a page's start
     lender.view(np.int64, [x.size], offset)[:] = x
     returned: list[int] = []
 
     def mapped() -> np.ndarray:
-        view = shm_frames.mappings.borrow(lender.name, offset, x.nbytes, lambda: returned.append(1))
+        view = mappings.borrow(lender.name, offset, x.nbytes, lambda: returned.append(1))
         return np.ndarray(x.shape, x.dtype, buffer=view)
 
     def registered() -> set[str]:
@@ -336,17 +336,16 @@ def test_a_tensor_another_process_lent_is_read_where_it_lies_and_its_region_drop
             break
         env.run(asyncio.sleep(0.1))
     assert f"peer_{lender.name}" not in registered()
-    assert env.client._peers.registered == []
+    assert env.client.stats()["peer_regions"] == []
 
 
 def test_a_full_dev_shm_is_a_clear_error_not_a_crashed_worker(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """tmpfs allocates a region's pages when they are first written: a region created on a full /dev/shm
     would kill the process with SIGBUS at the copy. A region that does not fit is refused instead."""
+    import shutil
     import types
 
-    import tdask.triton_client
-
-    monkeypatch.setattr(tdask.triton_client.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1 << 20))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1 << 20))
     x = np.ones(6_000_000, dtype=np.int64)  # 48 MB: no pooled region of its size class yet
     with pytest.raises(TritonError, match=r"/dev/shm has 1048576 bytes free.*shared-memory-threshold to 0"):
         env.infer("encoder", x)
@@ -363,7 +362,7 @@ def test_outputs_outlive_their_client() -> None:
             await _load_encoder(server, 1)
             client = TritonModelClient(server.grpc_url, server.http_url)
             out = (await client.infer("encoder", {"input": np.arange(100_000, dtype=np.int64)}))["output"]
-            names = {region.name for region in client._pool.all}
+            names = {region.name for region in client.pool.regions()}
             await client.close()
             return out, names
         finally:
@@ -386,6 +385,7 @@ def test_statistics_rise_by_exactly_the_requests_sent(env: Env) -> None:
     assert successes_counted(env, "encoder", before + 7) - before == 7
 
 
+@pytest.mark.slow
 def test_spawns_survive_busy_grpc_threads(env: Env, tmp_path: Path) -> None:
     """A worker restarts Triton while its gRPC threads are busy: the spawn must not run Python
     between fork and exec (a ``preexec_fn`` crashed ~1 child in 4 here with SIGSEGV). 60 spawns of a
@@ -474,7 +474,7 @@ def test_server_dies_with_its_sigkilled_parent(tmp_path: Path) -> None:
     """The PR_SET_PDEATHSIG orphan guard: a SIGKILLed owner takes its tritonserver along."""
     script = (
         "import asyncio, sys\n"
-        "from tdask.triton_server import TritonServer\n"
+        "from tdask.triton.server import TritonServer\n"
         "async def main():\n"
         f"    server = TritonServer({str(REPOSITORY)!r})\n"
         "    await server.start()\n"
@@ -552,6 +552,7 @@ def test_killed_server_fails_requests_in_flight_explicitly() -> None:
     assert isinstance(later, TritonError) and "cannot connect to Triton" in str(later), later
 
 
+@pytest.mark.slow
 def test_a_large_output_of_unknown_size_never_makes_a_model_run_twice_unasked() -> None:
     """Triton finds that an output does not fit its shared-memory region only after the model ran. The first
     call with given parameters gets its outputs in the message; a region that proves too small (the model's
@@ -689,6 +690,7 @@ def test_stubs_of_a_killed_server_go_when_it_is_stopped() -> None:
     assert left == 0
 
 
+@pytest.mark.slow
 def test_a_server_with_many_instances_is_given_time_to_stop_gracefully() -> None:
     """Triton finalizes a model's Python instances one by one (~1.2 s each here), so ten take longer than the
     base 10 s: the stop waits for them (every model's ``finalize`` runs) instead of SIGKILLing the server."""
@@ -696,12 +698,11 @@ def test_a_server_with_many_instances_is_given_time_to_stop_gracefully() -> None
     async def scenario() -> int | None:
         server = TritonServer(REPOSITORY)
         await server.start()
-        process = server._process
         try:
             await _load_encoder(server, 10)
         finally:
             await server.stop()
-        return process.returncode
+        return server.returncode
 
     assert asyncio.run(scenario()) == 0  # exited by itself, not -9
 
@@ -709,7 +710,7 @@ def test_a_server_with_many_instances_is_given_time_to_stop_gracefully() -> None
 def test_temporary_directories_of_gone_owners_are_swept_others_never(tmp_path: Path, monkeypatch) -> None:
     """A SIGKILLed worker leaves its server's directory (backend copy, log); the next replica or Triton start
     removes the directories whose owner pid is dead, never one whose owner lives or whose name has no owner."""
-    from tdask.triton_server import _sweep_orphaned_tmpdirs
+    from tdask.triton.server import _sweep_orphaned_tmpdirs
 
     gone_pid = _dead_pid()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -726,7 +727,7 @@ def test_orphaned_stubs_of_tdask_servers_are_swept_others_never(tmp_path: Path) 
     """A server killed with its SIGKILLed worker leaves stubs that no tdask code sees die; the next Triton
     start on the host kills those of tdask's servers that are gone, and nothing else. Stand-ins with a
     stub's argv (argv[2]: the stub's shared-memory region, argv[5]: its server's pid)."""
-    from tdask.triton_server import _sweep_orphaned_stubs
+    from tdask.triton.server import _sweep_orphaned_stubs
 
     gone_pid = _dead_pid()
     stub = str(tmp_path / "triton_python_backend_stub")

@@ -1,0 +1,1 @@
+"""The command lines: ``python -m deploy`` (:mod:`tdask.cli.deploy`) and ``python -m tdask.client``."""

@@ -1,0 +1,271 @@
+"""``python -m deploy``: place the hello-world operators on a Dask cluster and serve until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import dask.config
+from distributed import Client
+
+from tdask.deploy.cluster import (
+    count_gpus,
+    remove_address_file,
+    start_embedded_cluster,
+    write_address_file,
+)
+from tdask.deploy.deployment import Deployment
+from tdask.deploy.worker_settings import WorkerSettings
+from tdask.errors import TdaskError
+from tdask.operator import OperatorConfig
+
+logger = logging.getLogger("deploy")
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+DEFAULT_OPERATOR_REPOSITORY = ROOT / "operators"
+
+
+def _device(value: str) -> str:
+    v = value.upper()
+    if v not in ("CPU", "GPU"):
+        raise argparse.ArgumentTypeError(f"device must be CPU or GPU, got {value!r}")
+    return v
+
+
+def _at_least(cast: type, minimum: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: ``cast(value) >= minimum``, else a message naming ``what`` was expected."""
+
+    def parse(value: str) -> Any:
+        try:
+            number = cast(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        return number
+
+    parse.__name__ = what
+    return parse
+
+
+_positive = _at_least(int, 1, "a positive integer")
+_non_negative_float = _at_least(float, 0, "a number >= 0")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m deploy",
+        description="Deploy the hello-world encoder/decoder pipeline on a Dask cluster.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("operators (as in the original example)")
+    g.add_argument("--encoders", nargs=4, metavar=("WORKERS", "MAX_INFLIGHT", "INSTANCES", "CPU|GPU"),
+                   default=None, help="encoder replicas, max in-flight per replica, model instances, device "
+                   "(default 1 1 1 CPU)")
+    g.add_argument("--decoders", nargs=4, metavar=("WORKERS", "MAX_INFLIGHT", "INSTANCES", "CPU|GPU"),
+                   default=None, help="decoder replicas, max in-flight, model instances, device (default 1 1 1 CPU)")
+    g.add_argument("--encoder-decoders", nargs=2, metavar=("WORKERS", "MAX_INFLIGHT"), default=None,
+                   help="encoder_decoder replicas and max in-flight (default 1 1)")
+    for op in ("encoder", "decoder", "encoder-decoder"):
+        n = p.add_argument_group(f"{op} (named options; override the positional form)")
+        n.add_argument(f"--{op}-replicas", type=_positive, default=None, help=f"{op} replicas")
+        n.add_argument(f"--{op}-max-inflight", type=_positive, default=None, help=f"{op} max in-flight per replica")
+        if op != "encoder-decoder":
+            n.add_argument(f"--{op}-instances", type=_positive, default=None, help=f"{op} model instances")
+            n.add_argument(f"--{op}-device", type=_device, default=None, help=f"{op} device, CPU or GPU")
+    g.add_argument("--encoder-delay-per-token", type=_non_negative_float, default=0.0,
+                   help="encoder sleep per input element, seconds")
+    g.add_argument("--decoder-delay-per-token", type=_non_negative_float, default=0.0,
+                   help="decoder sleep per input element, seconds")
+    g.add_argument("--encoder-input-copies", type=_positive, default=1, help="encoder's input_copies")
+    r = p.add_argument_group("repositories")
+    r.add_argument("--operator-repository", default=str(DEFAULT_OPERATOR_REPOSITORY),
+                   help="folder of Python operators (module:Class)")
+    r.add_argument("--triton-model-repository", default=None,
+                   help="Triton model repository (default: <operator-repository>/triton_core_models)")
+    r.add_argument("--triton-server-path", default=None,
+                   help="tritonserver binary (default: the one shipped in nvidia-pytriton)")
+    c = p.add_argument_group("cluster")
+    c.add_argument("--scheduler-address", default=None,
+                   help="a running scheduler (dask scheduler); without it an embedded cluster is started")
+    c.add_argument("--protocol", default="tcp", choices=("tcp", "ucx", "tls"),
+                   help="comm protocol of the embedded cluster")
+    c.add_argument("--scheduler-port", type=int, default=8786, help="embedded scheduler port (0: any free port)")
+    c.add_argument("--dashboard-address", default=":8787", help="embedded dashboard address")
+    c.add_argument("--n-workers", type=int, default=None,
+                   help="embedded CPU workers (default: one per CPU replica)")
+    c.add_argument("--gpus", type=int, default=None, help="embedded GPU workers (default: GPUs found)")
+    lg = p.add_argument_group("logging")
+    lg.add_argument("--log-dir", default=None, help="one log file per worker plus each Triton server's log")
+    lg.add_argument("--clear-logs", action="store_true", help="empty --log-dir first")
+    lg.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                    help="log level of tdask and the workers")
+    return p
+
+
+def operator_configs(args: argparse.Namespace) -> list[OperatorConfig]:
+    """Turn the CLI's settings into the three operators of the hello-world pipeline."""
+    operator_repo = os.path.abspath(args.operator_repository)
+    model_repo = os.path.abspath(args.triton_model_repository or os.path.join(operator_repo, "triton_core_models"))
+
+    def triton_op(prefix: str, positional: Sequence[str] | None, parameters: dict[str, Any]) -> OperatorConfig:
+        replicas, max_inflight, instances, device = (1, 1, 1, "CPU")
+        if positional is not None:
+            try:
+                replicas, max_inflight, instances = (_positive(v) for v in positional[:3])
+                device = _device(positional[3])
+            except argparse.ArgumentTypeError as e:
+                raise SystemExit(f"--{prefix}s: {e}") from None
+        name = prefix.replace("-", "_")
+        return OperatorConfig(
+            name=name,
+            implementation="TritonCoreOperator",
+            repository=model_repo,
+            replicas=getattr(args, f"{name}_replicas") or replicas,
+            max_inflight=getattr(args, f"{name}_max_inflight") or max_inflight,
+            instances=getattr(args, f"{name}_instances") or instances,
+            device=getattr(args, f"{name}_device") or device,
+            parameters=parameters,
+        )
+
+    encoder = triton_op("encoder", args.encoders,
+                        {"delay": args.encoder_delay_per_token, "input_copies": args.encoder_input_copies})
+    decoder = triton_op("decoder", args.decoders, {"delay": args.decoder_delay_per_token})
+    replicas, max_inflight = 1, 1
+    if args.encoder_decoders is not None:
+        try:
+            replicas, max_inflight = (_positive(v) for v in args.encoder_decoders)
+        except argparse.ArgumentTypeError as e:
+            raise SystemExit(f"--encoder-decoders: {e}") from None
+    encoder_decoder = OperatorConfig(
+        name="encoder_decoder",
+        implementation="encoder_decoder:EncoderDecoder",
+        repository=operator_repo,
+        replicas=args.encoder_decoder_replicas or replicas,
+        max_inflight=args.encoder_decoder_max_inflight or max_inflight,
+    )
+    return [encoder, decoder, encoder_decoder]
+
+
+def worker_settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    if args.log_dir:
+        settings["tdask.log-dir"] = os.path.abspath(args.log_dir)
+    if args.triton_server_path:
+        settings["tdask.triton.server-path"] = os.path.abspath(args.triton_server_path)
+    return settings
+
+
+def print_replica(info: dict[str, Any]) -> None:
+    line = (f"Started {info['name']} replica {info['replica']} on worker {info['worker']}: "
+            f"device {info['device']}, model instances {info['instances']}, max in-flight {info['max_inflight']}")
+    if info.get("triton_pid"):
+        line += f", Triton pid {info['triton_pid']} (metrics {info.get('triton_metrics')})"
+    print(line, flush=True)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    configs = operator_configs(args)
+    settings = worker_settings(args)
+    dask.config.set(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    cluster = None
+    if args.scheduler_address is None:
+        cpu_replicas = sum(c.replicas for c in configs if c.device == "CPU")
+        gpus = args.gpus if args.gpus is not None else (
+            count_gpus() if any(c.device == "GPU" for c in configs) else 0)
+        cluster = await start_embedded_cluster(
+            n_workers=args.n_workers if args.n_workers is not None else max(1, cpu_replicas),
+            gpus=gpus, protocol=args.protocol, scheduler_port=args.scheduler_port,
+            dashboard_address=args.dashboard_address,
+        )
+        address = cluster.scheduler_address
+        print(f"Embedded cluster: scheduler {address}, dashboard {cluster.dashboard_link}", flush=True)
+        write_address_file(address, cluster.dashboard_link)
+    else:
+        address = args.scheduler_address
+    exit_code = 0
+    try:
+        async with Client(address, asynchronous=True, direct_to_workers=True) as client:
+            if cluster is None:
+                print(f"Scheduler {address}, dashboard {client.dashboard_link}", flush=True)
+            await client.register_plugin(WorkerSettings(settings, args.log_level))
+            deployment = Deployment(client, configs)
+            try:
+                start = asyncio.ensure_future(deployment.start())
+                stopped = asyncio.ensure_future(stop.wait())
+                await asyncio.wait([start, stopped], return_when=asyncio.FIRST_COMPLETED)
+                if not start.done():
+                    start.cancel()
+                    print("Interrupted while starting; stopping", flush=True)
+                else:
+                    for info in start.result():
+                        print_replica(info)
+                    print("Workers started ... press Ctrl-C to Exit", flush=True)
+                    await stopped
+                print("Stopping operators ...", flush=True)
+            except TdaskError as e:
+                print(f"Error: {e}", file=sys.stderr, flush=True)
+                exit_code = 1
+            finally:
+                await deployment.stop()
+                if cluster is None:  # user's workers keep running, without our plugin
+                    try:
+                        await client.unregister_worker_plugin(WorkerSettings.name)
+                    except Exception as e:
+                        logger.warning("removing the worker plugin: %r", e)
+    finally:
+        if cluster is not None:
+            await cluster.close()
+            remove_address_file()
+    print("Stopped", flush=True)
+    return exit_code
+
+
+def check_protocol(protocol: str) -> str | None:
+    """A clear word instead of a failed cluster start: what the protocol needs and how to give it."""
+    if protocol == "tls" and not dask.config.get("distributed.comm.tls.ca-file", None):
+        return ("--protocol tls needs certificates: set distributed.comm.tls.ca-file and "
+                "distributed.comm.tls.{scheduler,worker,client}.{cert,key} in Dask's config, e.g. "
+                "DASK_DISTRIBUTED__COMM__TLS__CA_FILE=ca.pem DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__CERT=node.pem ... "
+                "(see the README)")
+    if protocol == "ucx":
+        try:
+            import distributed_ucxx  # noqa: F401
+        except ImportError:
+            return "--protocol ucx needs distributed-ucxx (pip install 'distributed-ucxx-cu12==0.48.*')"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    problem = check_protocol(args.protocol) if args.scheduler_address is None else None
+    if problem:
+        print(f"Error: {problem}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.log_dir:
+        if args.clear_logs and os.path.isdir(args.log_dir):
+            shutil.rmtree(args.log_dir)
+        os.makedirs(args.log_dir, exist_ok=True)
+    try:
+        return asyncio.run(serve(args))
+    except TdaskError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The request stream's protocol: every message kind it carries, and the hello that opens it.
+
+A caller opens one request stream to each worker it calls (:mod:`tdask.comm.stream`); the worker serves it
+(:mod:`tdask.worker.extension`). The stream is a Dask comm: tdask's own socket for ``tcp://`` workers
+(:mod:`tdask.comm.tcp`), the worker's Dask comm for ``tls://`` and ``ucx://``. The caller opens it with
+the worker's Dask handler :data:`STREAM_HANDLER`; then each end sends a :func:`hello` and checks the
+other's (:func:`check_hello`) before anything else.
+
+After the hello, every message is a dict. A message the caller sends has an ``"op"`` from
+:data:`MESSAGES`; one that expects an answer carries an ``"id"``, and its answer carries the same
+``"id"`` and no ``"op"``. The worker sends unasked only what :data:`MESSAGES` lists as the worker's.
+Errors in answers are ``{"error": ...}`` fields made by :func:`tdask.errors.to_wire`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from tdask.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+# Dask handlers of a worker (registered by tdask.worker.extension)
+STREAM_HANDLER = "tdask_stream"  # opens a request stream on this comm
+SOCKET_HANDLER = "tdask_stream_socket"  # the worker's request-stream socket: {"address": ...}, or None
+STATS_HANDLER = "tdask_stats"  # the worker's replicas' and Triton servers' counters
+
+HELLO = "hello"
+INFER = "infer"
+FETCH = "fetch"
+RELEASE = "release"
+LEASE = "lease"
+LEASE_RETURN = "lease-return"
+LEASE_REPORT = "lease-report"
+CLOSE = "close-stream"
+REVOKE = "revoke"
+
+
+class Message(NamedTuple):
+    sender: str  # "caller", "worker" or "both"
+    fields: str
+    answer: str  # what the answer holds; "" for a message that gets none
+
+
+MESSAGES: dict[str, Message] = {
+    HELLO: Message("both", "version, host (who may share memory with this end; empty: none)", ""),
+    INFER: Message("caller", "id, replica, request_id, inputs, parameters, keep, output_device",
+                   "outputs (tensors or kept references) or error"),
+    FETCH: Message("caller", "id, keys (tensors kept on the worker)", "tensors by key, or error"),
+    RELEASE: Message("caller", "keys (kept tensors no longer referenced)", ""),
+    LEASE: Message("caller", "id, replica, slots (tdask.worker.lanes)", "granted, lane (the replica's server)"),
+    LEASE_RETURN: Message("caller", "replica, slots, report (what ran on them)", ""),
+    LEASE_REPORT: Message("caller", "replica, report (what ran on lent slots)", ""),
+    CLOSE: Message("caller", "(the caller closes the stream)", ""),
+    REVOKE: Message("worker", "replica, slots (a replica asks lent slots back)", ""),
+}
+
+
+def hello(host: bytes) -> dict[str, Any]:
+    """What each end sends first: the protocol version, and its host identity when memory may be shared."""
+    return {"op": HELLO, "version": PROTOCOL_VERSION, "host": host}
+
+
+def check_hello(msg: Any, peer: str) -> bytes:
+    """The peer's host identity from its hello; a :class:`ProtocolError` naming both versions when they differ."""
+    if not isinstance(msg, dict) or msg.get("op") != HELLO:
+        raise ProtocolError(f"{peer} did not open the request stream with tdask's hello (got {msg!r:.100}); "
+                            "it is not tdask, or a tdask older than request-stream protocol version 1")
+    version = msg.get("version")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"{peer} speaks tdask's request-stream protocol version {version}, this process "
+                            f"version {PROTOCOL_VERSION}: run the same tdask version in every process of the cluster")
+    host = msg.get("host") or b""
+    return bytes(host) if isinstance(host, (bytes, bytearray, memoryview)) else b""

@@ -1,0 +1,210 @@
+"""Callers' side of the request stream: one long-lived, batched comm per worker, opened with the hello."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from distributed.comm import CommClosedError, connect, get_address_host
+from distributed.core import clean_exception
+
+from tdask import config
+from tdask.comm import protocol, tcp
+from tdask.comm.writer import CoalescingWriter
+from tdask.errors import ReplicaUnavailableError
+from tdask.shm.lending import Landing
+
+logger = logging.getLogger(__name__)
+
+_ids = itertools.count()
+
+
+async def read_messages(comm: Any, handle: Callable[[dict[str, Any]], None]) -> None:
+    """Hand every message of ``comm`` to ``handle``, one at a time (a writer's batch arrives as a list), until
+    it ends (raises CommClosedError). A tdask socket hands small ones over from its readiness callback
+    (:meth:`~tdask.comm.tcp.SocketComm.serve`)."""
+
+    def each(msgs: Any) -> None:
+        if isinstance(msgs, (list, tuple)):
+            for msg in msgs:
+                handle(msg)
+        else:
+            handle(msgs)
+
+    serve = getattr(comm, "serve", None)
+    if serve is not None:
+        await serve(each)
+    else:
+        while True:
+            each(await comm.read())  # not held while the next one is awaited: its regions would stay taken
+
+
+async def open_stream(comm: Any, timeout: float) -> None:
+    """Exchange hellos on a new request stream (either end): a :class:`~tdask.errors.ProtocolError` when the
+    peer speaks another protocol version; lending is agreed where both ends share ``/dev/shm``."""
+    socket_comm = isinstance(comm, tcp.SocketComm)
+    await comm.write(protocol.hello(comm.identity() if socket_comm else b""))
+    peer_host = protocol.check_hello(await asyncio.wait_for(comm.read(), timeout), comm.peer_address)
+    if socket_comm:
+        comm.agree(peer_host)
+
+
+def _reason(reply: Any) -> Any:
+    """The exception a Dask handler answered with, else the answer itself."""
+    try:
+        return clean_exception(**reply)[1]
+    except Exception:  # noqa: BLE001 - not an error message
+        return reply
+
+
+class WorkerStream:
+    """All calls from this process to one worker share this comm.
+
+    Requests are written through a :class:`~tdask.writer.CoalescingWriter`, so many
+    pending requests leave in one write; answers come back on the same comm, matched by
+    call id. Losing the comm fails every pending call with :class:`ReplicaUnavailableError`.
+    """
+
+    def __init__(self, address: str, connection_args: dict[str, Any], landing: Landing | None = None,
+                 listener: StreamListener | None = None) -> None:
+        self.address = address
+        self.connection_args = connection_args
+        self.landing = landing  # where large frames of the answers are received (plain-socket streams only)
+        self.listener = listener
+        self.pending: dict[int, asyncio.Future] = {}
+        self.comm: Any = None
+        self.sender: CoalescingWriter | None = None
+        self._reader: asyncio.Task | None = None
+        self._connecting: asyncio.Lock = asyncio.Lock()
+
+    async def _ensure(self) -> CoalescingWriter:
+        if self.sender is not None and not self.comm.closed():
+            return self.sender
+        async with self._connecting:
+            if self.sender is not None and not self.comm.closed():
+                return self.sender
+            try:
+                comm = await self._open()
+            except (OSError, CommClosedError) as e:  # TimeoutError is an OSError; nothing was sent
+                raise ReplicaUnavailableError(f"cannot connect to worker {self.address}: {e}", retryable=True) from e
+            sender = CoalescingWriter(comm)
+            self.comm, self.sender = comm, sender
+            self._reader = asyncio.ensure_future(self._read(comm))
+            return sender
+
+    async def _open(self) -> Any:
+        """A request stream: on the worker's tdask socket where it offers one, else on a Dask comm."""
+        timeout = config.seconds("transfer.connect-timeout")
+        comm = await connect(self.address, timeout=timeout, **self.connection_args)
+        try:
+            if tcp.socket_stream_wanted(self.address):
+                await comm.write({"op": protocol.SOCKET_HANDLER, "reply": True})
+                reply = await comm.read()
+                if not isinstance(reply, dict) or "port" not in reply:  # never quietly use the Dask comm instead
+                    raise CommClosedError(f"worker {self.address} could not open its request-stream socket: "
+                                          f"{_reason(reply)}")
+                if reply["port"] is not None:  # None: the worker takes requests on Dask comms only
+                    await comm.close()
+                    address = tcp.address(get_address_host(self.address), reply["port"])
+                    comm = await connect(address, timeout=timeout, landing=self.landing)
+            await comm.write({"op": protocol.STREAM_HANDLER, "reply": False})
+            await open_stream(comm, timeout)
+        except BaseException:
+            comm.abort()
+            raise
+        return comm
+
+    async def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        sender = await self._ensure()
+        call_id = next(_ids)
+        msg["id"] = call_id
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[call_id] = fut
+        try:
+            sender.send(msg)
+        except CommClosedError as e:  # before it was sent
+            self.pending.pop(call_id, None)
+            raise ReplicaUnavailableError(f"connection to worker {self.address} closed: {e}", retryable=True) from e
+        try:
+            return await fut
+        finally:
+            self.pending.pop(call_id, None)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """Fire and forget (releases); dropped when the stream is down."""
+        if self.sender is not None and not self.comm.closed():
+            try:
+                self.sender.send(msg)
+            except CommClosedError:
+                pass
+
+    async def _read(self, comm: Any) -> None:
+        try:
+            await read_messages(comm, self._answered)
+        except (CommClosedError, OSError) as e:
+            reason = e
+        except Exception as e:  # pragma: no cover - keep the error visible
+            logger.exception("tdask stream from %s failed", self.address)
+            reason = e
+        self.fail_all(ReplicaUnavailableError(
+            f"lost connection to worker {self.address} ({reason}); the request may or may not have run"))
+        if self.listener is not None:
+            self.listener.lost(self.address)
+
+    def _answered(self, msg: dict[str, Any]) -> None:
+        if "op" in msg:  # sent by the worker unasked (a replica asks a lane for its slots back)
+            if self.listener is not None:
+                self.listener.pushed(self.address, msg)
+            return
+        fut = self.pending.pop(msg.get("id"), None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    def fail_all(self, error: Exception) -> None:
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+
+    async def close(self) -> None:
+        if self.sender is not None:
+            self.send({"op": protocol.CLOSE})
+            await self.sender.flush()
+            self.sender.abort()
+        if self._reader is not None:
+            self._reader.cancel()
+        if self.comm is not None and not self.comm.closed():
+            self.comm.abort()
+        self.fail_all(ReplicaUnavailableError(f"stream to {self.address} closed"))
+
+
+class StreamListener(Protocol):
+    """Told what the workers send unasked, and when a stream to one is lost (:class:`tdask.worker.lanes.Lanes`)."""
+
+    def pushed(self, address: str, msg: dict[str, Any]) -> None: ...
+
+    def lost(self, address: str) -> None: ...
+
+
+class StreamPool:
+    """One :class:`WorkerStream` per worker address, per caller."""
+
+    def __init__(self, connection_args: dict[str, Any], landing: Landing | None = None) -> None:
+        self.connection_args = connection_args
+        self.landing = landing
+        self.listener: StreamListener | None = None
+        self.streams: dict[str, WorkerStream] = {}
+
+    def get(self, address: str) -> WorkerStream:
+        stream = self.streams.get(address)
+        if stream is None:
+            stream = self.streams[address] = WorkerStream(address, self.connection_args, self.landing,
+                                                          self.listener)
+        return stream
+
+    async def close(self) -> None:
+        streams, self.streams = self.streams, {}
+        await asyncio.gather(*(s.close() for s in streams.values()), return_exceptions=True)

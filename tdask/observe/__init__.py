@@ -1,0 +1,1 @@
+"""Watching a deployment: operator metrics, the Prometheus collector and the Dask dashboard page."""

@@ -1,0 +1,7 @@
+"""The caller's API: a session on a cluster, handles to deployed operators, and requests as futures."""
+
+from tdask.session.futures import InferFuture, InferResult
+from tdask.session.remote_operator import RemoteOperator
+from tdask.session.session import Session, WorkerSide, connect
+
+__all__ = ["InferFuture", "InferResult", "RemoteOperator", "Session", "WorkerSide", "connect"]

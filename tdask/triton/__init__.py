@@ -1,0 +1,1 @@
+"""Triton Inference Server: the server process, its clients, model configs, and ``TritonCoreOperator``."""
