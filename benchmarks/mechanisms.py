@@ -39,7 +39,6 @@ MECHANISMS: dict[str, tuple[dict[str, Any], list[int], list[int]]] = {
     "mapping": ({"tdask.transfer.mapped-frames-bytes": 0}, [LARGE], [1, 3]),
     "peer-regions": ({"tdask.triton.peer-regions-bytes": 0}, [LARGE], [1, 3]),
     "lanes": ({"tdask.lanes.enabled": False}, [SMALL], [3]),
-    "awaiting-task": ({"tdask.request.run-in-awaiting-task": False}, [SMALL], [1, 3]),
 }
 LAYOUTS = {1: "one worker", 3: "deploy's placement"}
 
@@ -53,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int_list, default=[1, 4, 16])
     p.add_argument("--duration", type=float, default=2.0, help="seconds per system per round and cell")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per cell")
+    p.add_argument("--against", metavar="DIR", default=None,
+                   help="instead of mechanisms: this checkout (on) against the tdask checkout in DIR (off), with the "
+                        "same settings, every size; DIR needs this benchmarks/ folder (copy it there)")
     p.add_argument("--smoke", action="store_true", help="seconds-long run of the harness (numbers meaningless)")
     p.add_argument("--output", default=None, help="JSON result file (default benchmarks/results/mechanisms.json)")
     p.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # internal: one configuration's process
@@ -97,14 +99,14 @@ def _answer(msg: dict[str, Any]) -> None:
 class System:
     """A configuration's process, driven over its stdin and stdout."""
 
-    def __init__(self, name: str, workers: int, settings: dict[str, Any], check: list[str]) -> None:
+    def __init__(self, name: str, workers: int, settings: dict[str, Any], check: list[str],
+                 tree: Path = Path(__file__).resolve().parent.parent) -> None:
         self.name = name
         self.seen: dict[str, Any] = {}
         spec = json.dumps({"workers": workers, "settings": settings, "check": check})
         env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.mechanisms", "--serve", spec],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                     cwd=Path(__file__).resolve().parent.parent)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tree)
 
     def _ask(self, msg: dict[str, Any] | None = None) -> dict[str, Any]:
         if msg is not None:
@@ -173,7 +175,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     results: dict[str, Any] = {"environment": environment(), "settings": {
         "concurrency": args.concurrency, "duration_s": args.duration, "rounds": args.rounds,
-        "instances": 2, "max_inflight": 16, "pipeline_max_inflight": 256}, "rows": []}
+        "instances": 2, "max_inflight": 16, "pipeline_max_inflight": 256, "against": args.against}, "rows": []}
+    if args.against is not None:
+        for workers in args.layouts:
+            print(f"{LAYOUTS.get(workers, workers)}: this checkout against {args.against}", flush=True)
+            here, there = System("this", workers, {}, []), System(args.against, workers, {}, [], Path(args.against))
+            try:
+                here.ready()
+                there.ready()
+                results["rows"].append({"mechanism": f"against {args.against}", "workers": workers,
+                                        "off_settings": {}, "cells": measure(here, there, [SMALL, LARGE], args)})
+            finally:
+                here.close()
+                there.close()
+        results["wall_seconds"] = round(time.perf_counter() - started, 1)
+        return results
     for workers in args.layouts:
         todo = [m for m in wanted if workers in MECHANISMS[m][2]]
         if not todo:

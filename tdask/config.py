@@ -25,6 +25,7 @@ with open(DEFAULTS_FILE) as _f:
 dask.config.update_defaults(defaults)
 
 _paths: dict[str, tuple[str, ...]] = {}
+_durations: dict[object, float] = {}  # a duration's value -> seconds (parsed once per distinct value)
 
 
 def get(key: str) -> Any:
@@ -47,4 +48,14 @@ def get(key: str) -> Any:
 
 def seconds(key: str) -> float:
     """A duration setting such as ``request.timeout``, in seconds."""
-    return float(parse_timedelta(get(key), default="seconds"))
+    value = get(key)
+    try:
+        return _durations[value]
+    except (KeyError, TypeError):  # a value not parsed yet (or unhashable)
+        parsed = float(parse_timedelta(value, default="seconds"))
+        if len(_durations) < 1024:
+            try:
+                _durations[value] = parsed
+            except TypeError:
+                pass
+        return parsed

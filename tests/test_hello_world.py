@@ -276,8 +276,8 @@ def test_output_device_cpu_gives_numpy_and_gpu_is_refused_without_cupy(loop, ses
 
 
 def test_a_future_runs_whether_or_not_it_is_awaited_and_keeps_its_outcome(loop, session, hello_world):
-    """``await op.infer(...)`` runs the request in the awaiting task; a future nobody awaits yet runs on
-    its own all the same. Either way it can be awaited again (same result, same error) and by two tasks."""
+    """A request runs whether or not anyone awaits its future, and the future can be awaited again (same result,
+    same error) and by two tasks; a cancelled one says so."""
 
     async def run() -> None:
         op = await session.operator("encoder_decoder")

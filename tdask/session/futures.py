@@ -11,7 +11,6 @@ from collections import defaultdict
 from collections.abc import Coroutine, Generator
 from typing import Any, Protocol
 
-from tdask import config
 from tdask.errors import InvalidRequestError
 from tdask.tensors import TensorRef
 
@@ -92,70 +91,25 @@ class OutputOf:
 
 
 class InferFuture:
-    """A request in flight. ``await`` it for the :class:`InferResult`; await it as often as you like.
+    """A request in flight, as a task of its own from the moment it is made (like ``asyncio.ensure_future``).
+    ``await`` it for the :class:`InferResult`, as often as you like, from any number of tasks.
 
-    A future awaited before the loop's next iteration (``await op.infer(...)``, the usual case) runs its
-    request in the awaiting task; otherwise the request starts as a task of its own in that iteration, as
-    with ``asyncio.ensure_future``. A task of its own costs its creation and two loop iterations (start,
-    wake-up) per call (what that costs a pipeline: docs/design.md). ``tdask.request.run-in-awaiting-task:
-    false`` gives every request a task of its own.
+    (Running a request in the task that awaits it at once was measured and removed: docs/design.md.)
     """
 
     def __init__(self, coro: Coroutine[Any, Any, InferResult], request_id: str) -> None:
         self.request_id = request_id
-        self._coro: Coroutine[Any, Any, InferResult] | None = coro
-        self._task: asyncio.Task | None = None
-        self._done: asyncio.Future | None = None  # the outcome, once the request ran in an awaiting task
-        self._awaiter: asyncio.Task | None = None  # that task, while the request runs there
-        self._loop = asyncio.get_running_loop()
-        self._start_handle: asyncio.Handle | None = None
-        if config.get("request.run-in-awaiting-task"):
-            self._start_handle = self._loop.call_soon(self._start)
-        else:
-            self._start()
-
-    def _start(self) -> None:
-        """Not awaited in the iteration that made it: the request runs as a task of its own."""
-        self._start_handle = None
-        if self._coro is not None:
-            coro, self._coro = self._coro, None
-            self._task = self._loop.create_task(coro)
+        self._task = asyncio.ensure_future(coro)
 
     def __await__(self) -> Generator[Any, None, InferResult]:
-        if self._coro is not None:  # awaited at once: run here, no task of its own
-            coro, self._coro = self._coro, None
-            if self._start_handle is not None:
-                self._start_handle.cancel()
-                self._start_handle = None
-            self._done = self._loop.create_future()
-            self._awaiter = asyncio.current_task()
-            try:
-                result = yield from coro.__await__()
-            except BaseException as e:
-                if isinstance(e, asyncio.CancelledError):
-                    self._done.cancel()
-                else:
-                    self._done.set_exception(e)
-                    self._done.exception()  # retrieved: raised here; later awaits raise it again
-                raise
-            finally:
-                self._awaiter = None
-            self._done.set_result(result)
-            return result
-        return (yield from (self._task if self._task is not None else self._done).__await__())
+        return self._task.__await__()
 
     def done(self) -> bool:
-        outcome = self._task if self._task is not None else self._done
-        return outcome is not None and outcome.done()
+        return self._task.done()
 
     def cancel(self) -> bool:
-        """Cancel the request; one that runs in the task awaiting it is cancelled with that task, as the
-        awaiter of a cancelled task would be."""
-        if self._coro is not None:
-            self._start()
-        if self._task is not None:
-            return self._task.cancel()
-        return self._awaiter is not None and self._awaiter.cancel()
+        """Cancel the request (its caller's side: a request already sent may still run on its replica)."""
+        return self._task.cancel()
 
     def output(self, name: str) -> OutputOf:
         """Use one output of this request as the input of another call."""
