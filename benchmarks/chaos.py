@@ -129,7 +129,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     os.kill(decoder["triton_pid"], signal.SIGKILL)
 
                     def restarts(dask_worker: Any) -> int:
-                        return dask_worker.extensions["tdask"].triton_restarts
+                        return dask_worker.extensions["tdask"].stats()["triton_restarts"]
 
                     while (await client.run(restarts, workers=[decoder["worker"]]))[decoder["worker"]] < 1:
                         await asyncio.sleep(0.1)
