@@ -273,10 +273,10 @@ def test_a_broken_lane_gives_every_slot_back_and_still_reports_what_ran():
 
 
 def test_replica_slots_are_lent_only_when_no_request_waits_and_a_waiter_gets_a_returned_one():
-    from tdask.worker.replica import _Slots
+    from tdask.worker.replica import Slots
 
     async def main() -> None:
-        slots = _Slots(2)
+        slots = Slots(2)
         assert slots.take_nowait() and slots.take_nowait() and not slots.take_nowait()
         waiter = asyncio.ensure_future(slots.take())
         await asyncio.sleep(0)

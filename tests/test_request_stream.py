@@ -21,7 +21,7 @@ from distributed.protocol import to_serialize
 from tdask import ProtocolError
 from tdask.comm import protocol
 from tdask.comm.stream import open_stream
-from tdask.comm.tcp import _SMALL, SocketComm, socket_stream_wanted
+from tdask.comm.tcp import SMALL, SocketComm, socket_stream_wanted
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,7 +65,7 @@ def test_messages_of_every_size_arrive_whole_and_in_order() -> None:
 
     async def _echoed(comm: SocketComm) -> None:
         if True:
-            sizes = [0, 1, _SMALL // 8 - 4, _SMALL // 8, _SMALL // 8 + 1, 3 * _SMALL // 8 + 5, 1_000_000]
+            sizes = [0, 1, SMALL // 8 - 4, SMALL // 8, SMALL // 8 + 1, 3 * SMALL // 8 + 5, 1_000_000]
             sent = [{"i": i, "x": to_serialize(np.arange(n, dtype=np.int64)), "raw": bytes(n % 7)}
                     for i, n in enumerate(sizes)]
 
@@ -105,7 +105,7 @@ def test_large_frames_are_received_where_the_listener_lands_them_small_ones_neve
             server = await accepted.get()
             rng = np.random.default_rng(3)
             sent = {name: rng.integers(0, 2**62, n, dtype=np.int64)
-                    for name, n in (("small", 100), ("edge", _SMALL // 8), ("landed", 200_000), ("own", 400_000))}
+                    for name, n in (("small", 100), ("edge", SMALL // 8), ("landed", 200_000), ("own", 400_000))}
             _, got = await asyncio.wait_for(
                 asyncio.gather(comm.write({k: to_serialize(v) for k, v in sent.items()}), server.read()), 30)
             for name, x in sent.items():
@@ -209,7 +209,7 @@ def test_a_batch_the_socket_takes_only_in_part_still_arrives_whole_and_in_order(
 
             client.try_write = watched_try_write
             writer = CoalescingWriter(client)
-            payload = np.arange(_SMALL // 8 - 64, dtype=np.int64)  # each batch just under the reused buffer
+            payload = np.arange(SMALL // 8 - 64, dtype=np.int64)  # each batch just under the reused buffer
             sent, controls = 0, []
             try:
                 while sent < 4000 and (not partial or sent < partial[0] + 20):
@@ -255,7 +255,7 @@ def test_serve_hands_small_messages_over_from_the_readiness_callback_and_reads_t
                 # each message arrives while the server waits for the next one (the pauses)
                 await client.write({"i": 0, "x": to_serialize(np.arange(100))})
                 await asyncio.sleep(0.1)
-                await client.write({"i": "large", "x": to_serialize(np.arange(_SMALL))})  # a 512 KB frame
+                await client.write({"i": "large", "x": to_serialize(np.arange(SMALL))})  # a 512 KB frame
                 await asyncio.sleep(0.1)
                 await client.write([{"i": 1}, {"i": 2, "x": to_serialize(np.arange(10))}])  # a batch
                 await asyncio.sleep(0.1)
@@ -283,7 +283,7 @@ def test_serve_hands_small_messages_over_from_the_readiness_callback_and_reads_t
                 ids = [m["i"] if isinstance(m, dict) else [x["i"] for x in m] for m, _ in got]
                 assert ids == [0, "large", [1, 2], 3, 4, 5]
                 assert server.loans == 0  # the serving task read the acknowledgement
-                sizes = {0: 100, "large": _SMALL, 3: 30_000 // 8, 4: 48_000 // 8}
+                sizes = {0: 100, "large": SMALL, 3: 30_000 // 8, 4: 48_000 // 8}
                 for msg, _ in got:
                     if isinstance(msg, dict) and msg["i"] in sizes:
                         assert np.array_equal(msg["x"], np.arange(sizes[msg["i"]])), msg["i"]
@@ -764,14 +764,14 @@ def test_a_relay_maps_a_lent_frame_in_place_lends_it_on_by_the_lenders_name_and_
 
 
 def test_a_loan_that_names_anything_but_a_tdask_region_ends_the_stream() -> None:
-    from tdask.comm.tcp import _LENT, _LOAN, _U64
+    from tdask.comm.tcp import LENT, LOAN, U64
 
     async def scenario(name: bytes) -> str:
         async with _listening() as (listener, accepted):
             client, server = await _pair(listener, accepted)
-            loan = _LOAN.pack(1, 0, 100) + name
+            loan = LOAN.pack(1, 0, 100) + name
             await asyncio.get_running_loop().sock_sendall(client.socket,
-                                                          _U64.pack(1) + _U64.pack(len(loan) | _LENT) + loan)
+                                                          U64.pack(1) + U64.pack(len(loan) | LENT) + loan)
             with pytest.raises(CommClosedError, match="malformed") as info:
                 await asyncio.wait_for(server.read(), 10)
             client.abort()

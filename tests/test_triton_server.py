@@ -710,7 +710,7 @@ def test_a_server_with_many_instances_is_given_time_to_stop_gracefully() -> None
 def test_temporary_directories_of_gone_owners_are_swept_others_never(tmp_path: Path, monkeypatch) -> None:
     """A SIGKILLed worker leaves its server's directory (backend copy, log); the next replica or Triton start
     removes the directories whose owner pid is dead, never one whose owner lives or whose name has no owner."""
-    from tdask.triton.server import _sweep_orphaned_tmpdirs
+    from tdask.triton.server import sweep_orphans
 
     gone_pid = _dead_pid()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -719,7 +719,7 @@ def test_temporary_directories_of_gone_owners_are_swept_others_never(tmp_path: P
     unnamed = tmp_path / "tdask-triton-ghi"  # no owner in the name (made before owners were named)
     for path in (orphan, alive, unnamed):
         (path / "backends").mkdir(parents=True)
-    _sweep_orphaned_tmpdirs()
+    sweep_orphans()
     assert not orphan.exists() and alive.is_dir() and unnamed.is_dir()
 
 
@@ -727,7 +727,7 @@ def test_orphaned_stubs_of_tdask_servers_are_swept_others_never(tmp_path: Path) 
     """A server killed with its SIGKILLed worker leaves stubs that no tdask code sees die; the next Triton
     start on the host kills those of tdask's servers that are gone, and nothing else. Stand-ins with a
     stub's argv (argv[2]: the stub's shared-memory region, argv[5]: its server's pid)."""
-    from tdask.triton.server import _sweep_orphaned_stubs
+    from tdask.triton.server import sweep_orphans
 
     gone_pid = _dead_pid()
     stub = str(tmp_path / "triton_python_backend_stub")
@@ -744,7 +744,7 @@ def test_orphaned_stubs_of_tdask_servers_are_swept_others_never(tmp_path: Path) 
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and len(_stubs_of(gone_pid)) + len(_stubs_of(os.getpid())) < 3:
             time.sleep(0.05)
-        _sweep_orphaned_stubs()
+        sweep_orphans()
         orphan.wait(timeout=10)
         time.sleep(0.3)
         assert orphan.returncode == -9

@@ -20,7 +20,7 @@ comm. What it does differently, and what that buys, is in docs/design.md:
   process's frame pool (:mod:`tdask.shm.regions`) and lent from there.
 
 Wire format of one message: frame count (u64), each frame's length (u64), the frames. A lent frame's length
-word has ``_LENT`` set; an acknowledgement is a control message: a count word with ``_CONTROL`` set, the
+word has ``LENT`` set; an acknowledgement is a control message: a count word with ``_CONTROL`` set, the
 payload's length, the tokens acknowledged.
 """
 
@@ -54,15 +54,15 @@ from tdask.shm.regions import frame_pool
 logger = logging.getLogger(__name__)
 
 
-_U64 = struct.Struct("<Q")
-_LOAN = struct.Struct("<QQQ")  # a lent frame: token, offset, size; then the region's name
-_SMALL = 64 * 1024  # frames up to this size are read through one reused buffer; larger ones into their own
+U64 = struct.Struct("<Q")
+LOAN = struct.Struct("<QQQ")  # a lent frame: token, offset, size; then the region's name
+SMALL = 64 * 1024  # frames up to this size are read through one reused buffer; larger ones into their own
 _MAX_FRAMES = 1 << 20
 _CONTROL = 1 << 63  # in a count word: a control message (its kind in the low bits), not a Dask message
 _ACK = 2
 SCHEME = "tdask"
-_LENT = 1 << 63  # in a frame's length word: the frame is lent (the wire holds where it lies, not its bytes)
-_MAX_CONTROL = _SMALL  # control payloads are read through the reused buffer
+LENT = 1 << 63  # in a frame's length word: the frame is lent (the wire holds where it lies, not its bytes)
+_MAX_CONTROL = SMALL  # control payloads are read through the reused buffer
 _Encoded = tuple[bytes, list["bytes | memoryview"], list[int]]  # a message's length words, frames, sizes
 _MORE = object()  # the buffer holds only part of the next message
 _AWAITED = object()  # the next message must be awaited: a control message, large or lent frames
@@ -88,7 +88,7 @@ class SocketComm(DaskComm):
         self._local_addr = local_address
         self._peer_addr = peer_address
         self._loop = asyncio.get_running_loop()
-        self._buf = bytearray(_SMALL)  # never resized: views of it stay valid
+        self._buf = bytearray(SMALL)  # never resized: views of it stay valid
         self._view = memoryview(self._buf)
         self._start = self._end = 0
         self._closed = False
@@ -250,7 +250,7 @@ class SocketComm(DaskComm):
             self._loop.add_reader(self.socket.fileno(), self._on_readable, done, view, minimum, got)
 
     async def _buffered(self, n: int) -> bytes:
-        """The next ``n`` (<= _SMALL) bytes, through the reused buffer."""
+        """The next ``n`` (<= SMALL) bytes, through the reused buffer."""
         held = self._end - self._start
         if held < n:
             self._fit(n)
@@ -260,7 +260,7 @@ class SocketComm(DaskComm):
         return out
 
     def _exactly(self, n: int) -> Awaitable[bytes | memoryview]:
-        return self._buffered(n) if n <= _SMALL else self._large(n)
+        return self._buffered(n) if n <= SMALL else self._large(n)
 
     async def _room(self, n: int) -> memoryview:
         """Where a large frame of ``n`` bytes is received: where this comm lands them, else a buffer of its own."""
@@ -284,7 +284,7 @@ class SocketComm(DaskComm):
 
     async def read(self, deserializers: Any = None) -> Any:
         while True:
-            (count,) = _U64.unpack(await self._buffered(8))
+            (count,) = U64.unpack(await self._buffered(8))
             if not count & _CONTROL:
                 return await self._message(count, deserializers)
             await self._control(count & ~_CONTROL)
@@ -296,7 +296,7 @@ class SocketComm(DaskComm):
         lengths = struct.unpack(f"<{count}Q", await self._exactly(8 * count)) if count else ()
         frames = []
         for n in lengths:
-            frames.append(await (self._borrowed(n & ~_LENT) if n & _LENT else self._exactly(n)))
+            frames.append(await (self._borrowed(n & ~LENT) if n & LENT else self._exactly(n)))
         return self._loads(frames, deserializers)
 
     def _loads(self, frames: list, deserializers: Any = None) -> Any:
@@ -313,7 +313,7 @@ class SocketComm(DaskComm):
         while True:
             msg = self._parse_buffered()
             if msg is _AWAITED:
-                (count,) = _U64.unpack(await self._buffered(8))
+                (count,) = U64.unpack(await self._buffered(8))
                 if count & _CONTROL:  # an ack: the message after it may be handed over again
                     await self._control(count & ~_CONTROL)
                 else:
@@ -362,15 +362,15 @@ class SocketComm(DaskComm):
         start, held = self._start, self._end - self._start
         if held < 8:
             return self._more(8)
-        (count,) = _U64.unpack_from(self._buf, start)
+        (count,) = U64.unpack_from(self._buf, start)
         head = 8 + 8 * count
-        if count & _CONTROL or head > _SMALL:
+        if count & _CONTROL or head > SMALL:
             return _AWAITED
         if held < head:
             return self._more(head)
         lengths = struct.unpack_from(f"<{count}Q", self._buf, start + 8)
         total = head + sum(lengths)
-        if total > _SMALL:  # also when a frame is large or lent (those length words are huge)
+        if total > SMALL:  # also when a frame is large or lent (those length words are huge)
             return _AWAITED
         if held < total:
             return self._more(total)
@@ -382,11 +382,11 @@ class SocketComm(DaskComm):
         return self._loads(frames)
 
     def _fit(self, n: int) -> None:
-        """Make room in the reused buffer for the next ``n`` (<= _SMALL) bytes behind what it holds."""
+        """Make room in the reused buffer for the next ``n`` (<= SMALL) bytes behind what it holds."""
         held = self._end - self._start
         if held == 0:
             self._start = self._end = 0
-        elif self._start + n > _SMALL:  # no room behind what is held: move it to the front
+        elif self._start + n > SMALL:  # no room behind what is held: move it to the front
             self._buf[:held] = self._buf[self._start:self._end]
             self._start, self._end = 0, held
 
@@ -396,7 +396,7 @@ class SocketComm(DaskComm):
         return _MORE
 
     async def _control(self, kind: int) -> None:
-        (size,) = _U64.unpack(await self._buffered(8))
+        (size,) = U64.unpack(await self._buffered(8))
         if size > _MAX_CONTROL:
             raise self._malformed(f"a {size}-byte control message")
         payload = bytes(await self._exactly(size))
@@ -409,13 +409,13 @@ class SocketComm(DaskComm):
     async def _borrowed(self, n: int) -> memoryview:
         """A frame the peer lent: copied out of its region (into where large frames land) and acknowledged,
         or mapped where it lies (a landing that says IN_PLACE) and acknowledged once its last view is gone."""
-        if not self.peer_shares_memory or not _LOAN.size < n <= _LOAN.size + 255:
+        if not self.peer_shares_memory or not LOAN.size < n <= LOAN.size + 255:
             raise self._malformed("a lent frame on a stream that shares no memory" if not self.peer_shares_memory
                                   else f"a {n}-byte loan")
         loan = bytes(await self._exactly(n))
-        token, offset, nbytes = _LOAN.unpack_from(loan)
+        token, offset, nbytes = LOAN.unpack_from(loan)
         try:
-            name = loan[_LOAN.size:].decode()
+            name = loan[LOAN.size:].decode()
             if offset + nbytes > mappings.size(name):  # checked before room is made for it
                 raise ValueError(f"{nbytes} bytes at {offset} lie beyond the region {name!r}")
             room = await self._landing(nbytes, True) if self._landing is not None else None
@@ -458,7 +458,7 @@ class SocketComm(DaskComm):
             async with self._writing:
                 while self._acks and not self._closed:
                     tokens, self._acks = self._acks[:_MAX_CONTROL // 8], self._acks[_MAX_CONTROL // 8:]
-                    await self._send(_U64.pack(_CONTROL | _ACK) + _U64.pack(8 * len(tokens))
+                    await self._send(U64.pack(_CONTROL | _ACK) + U64.pack(8 * len(tokens))
                                      + struct.pack(f"<{len(tokens)}Q", *tokens))
         except CommClosedError:
             pass
@@ -480,7 +480,7 @@ class SocketComm(DaskComm):
         self._tokens += 1
         self._lent[self._tokens] = (view, region)
         lending.counts["lent"] += 1
-        return _LOAN.pack(self._tokens, offset, view.nbytes) + region.name.encode()
+        return LOAN.pack(self._tokens, offset, view.nbytes) + region.name.encode()
 
     # -- writing (one message at a time: this comm's lock lets its acks in between the stream writer's) ----
     def encode(self, msg: Any, serializers: Any = None, on_error: str = "message") -> _Encoded:
@@ -492,14 +492,14 @@ class SocketComm(DaskComm):
         views: list[bytes | memoryview] = [ensure_memoryview(f) for f in frames]
         lengths = [v.nbytes for v in views]
         for i, view in enumerate(views):
-            if view.nbytes > _SMALL:
+            if view.nbytes > SMALL:
                 loan = self._lend(view) if self.peer_shares_memory else None
                 if loan is not None:
-                    views[i], lengths[i] = loan, len(loan) | _LENT
+                    views[i], lengths[i] = loan, len(loan) | LENT
                 else:
                     lending.counts["sent"] += 1
-        head = _U64.pack(len(views)) + struct.pack(f"<{len(views)}Q", *lengths)
-        sizes = [n & ~_LENT for n in lengths]
+        head = U64.pack(len(views)) + struct.pack(f"<{len(views)}Q", *lengths)
+        sizes = [n & ~LENT for n in lengths]
         return head, views, sizes
 
     async def write(self, msg: Any, serializers: Any = None, on_error: str = "message") -> int:
@@ -509,7 +509,7 @@ class SocketComm(DaskComm):
         head, views, sizes = encoded
         total = sum(sizes)
         async with self._writing:
-            if total <= _SMALL:
+            if total <= SMALL:
                 await self._send(b"".join([head, *views]))
             else:
                 await self._send(head)
@@ -524,7 +524,7 @@ class SocketComm(DaskComm):
         did not take goes out before anything else), else the encoded message for :meth:`write_encoded`."""
         encoded = self.encode(msg, on_error="raise")
         head, views, sizes = encoded
-        if sum(sizes) > _SMALL or self._writing.locked() or self._tail is not None:
+        if sum(sizes) > SMALL or self._writing.locked() or self._tail is not None:
             return encoded
         data = b"".join([head, *views])
         try:

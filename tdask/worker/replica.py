@@ -28,7 +28,7 @@ from tdask.worker.stats import ReplicaStats
 logger = logging.getLogger(__name__)
 
 
-class _Slots:
+class Slots:
     """``max_inflight`` slots: taken by requests run here, or lent to a caller's lane (:mod:`tdask.lanes`)."""
 
     def __init__(self, count: int) -> None:
@@ -89,7 +89,7 @@ class Replica:
                               "(tdask.Deployment does: client.register_plugin(tdask.TdaskWorkerPlugin()))")
         self.stats = ReplicaStats()
         self.operator: Operator | None = None
-        self._slots: _Slots | None = None
+        self._slots: Slots | None = None
         self._state = "created"
         self._idle: asyncio.Event | None = None
         # lanes: slots lent per caller's request stream, and how many of them were asked back
@@ -101,7 +101,7 @@ class Replica:
         """Build the operator and run its setup; returns what deploy prints."""
         # a replica placed again after a worker was SIGKILLed: remove what that worker left on this host
         await asyncio.to_thread(sweep_orphans)
-        self._slots = _Slots(self.config.max_inflight)
+        self._slots = Slots(self.config.max_inflight)
         self._idle = asyncio.Event()
         self._idle.set()
         cls = self.config.load_class()
