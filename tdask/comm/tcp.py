@@ -121,12 +121,13 @@ class SocketComm(DaskComm):
         return self._closed
 
     async def close(self) -> None:
-        """Ends the connection once what is being written has left."""
+        """Ends the connection once what is being written has left (a peer that stops reading gets
+        ``tdask.transfer.connect-timeout``)."""
         if not self._closed:
             try:
-                async with self._writing:
+                async with asyncio.timeout(config.seconds("transfer.connect-timeout")), self._writing:
                     await self._send_tail()
-            except CommClosedError:
+            except (CommClosedError, TimeoutError):
                 pass
         self.abort()
 

@@ -48,6 +48,7 @@ class PeerRegions:
         self._refused: set[str] = set()  # regions the server could not register: their tensors are copied
         self._sweeping: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._loop = asyncio.get_running_loop()
         self.closed = False
 
     async def use(self, array: np.ndarray) -> tuple[_Peer, int] | None:
@@ -126,7 +127,13 @@ class PeerRegions:
 
     def removed(self, names: set[str]) -> None:
         """Unregister the unused ones of ``names``, whose owner removed them: the server's mapping would keep
-        their memory (one still in use goes at a later sweep)."""
+        their memory (one still in use goes at a later sweep). The sweep may run on another loop's thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._removed, names)
+        except RuntimeError:  # this server's loop is closed, and the server with it
+            pass
+
+    def _removed(self, names: set[str]) -> None:
         for name in names:
             peer = self._peers.get(name)
             if peer is not None and peer.users == 0 and peer.ready.done():
