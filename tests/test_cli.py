@@ -221,3 +221,79 @@ def test_sigterm_drains_in_flight_requests_before_stopping(tmp_path):
         assert alive(children) == []
     finally:
         deploy.stop()
+
+
+def _triton_successes(metrics_url: str) -> int:
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    except OSError:
+        return 0
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("nv_inference_request_success{"))
+
+
+def test_a_scheduler_killed_under_load_ends_every_request_and_deploy_exits_non_zero(tmp_path):
+    """Every request the client sends ends (answered or an explicit error) and it prints its last lines; deploy
+    says in one line that the scheduler is gone and exits non-zero, with no traceback."""
+    import re
+
+    env = python_env(DASK_TDASK__ADDRESS_FILE=str(tmp_path / "addr.json"))
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask_bin = os.path.join(os.path.dirname(PY), "dask")
+    scheduler = Proc([dask_bin, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+                     tmp_path / "scheduler.log", env)
+    workers: list[Proc] = []
+    deploy = load = None
+    try:
+        scheduler.wait_for("Scheduler at:")
+        workers = [Proc([dask_bin, "worker", address, "--nthreads", "1", "--name", f"w{i}", "--host", "127.0.0.1"],
+                        tmp_path / f"worker{i}.log", env) for i in range(2)]
+        for w in workers:
+            w.wait_for("Starting established connection")
+        deploy = Proc([PY, "-m", "deploy", "--scheduler-address", address, "--encoders", "1", "4", "1", "CPU",
+                       "--decoders", "1", "4", "1", "CPU", "--encoder-decoders", "1", "8"],
+                      tmp_path / "deploy.log", env)
+        deploy.wait_for("press Ctrl-C to Exit")
+        metrics = re.search(r"Started encoder replica .*\(metrics (\S+)\)", deploy.text()).group(1)
+        load = Proc([PY, "-m", "tdask.client", "--no-progress", "--scheduler-address", address, "--concurrency", "8",
+                     "--requests-per-client", "3000", "--timeout", "10"], tmp_path / "client.log", env)
+        end = time.time() + 120
+        while _triton_successes(metrics) < 50 and time.time() < end:  # the load flows
+            time.sleep(0.2)
+        assert _triton_successes(metrics) >= 50, load.text()[-2000:]
+        scheduler.p.kill()
+        assert deploy.p.wait(120) != 0, deploy.text()[-3000:]
+        assert f"Error: the scheduler at {address} is gone" in deploy.text()
+        assert "Traceback" not in deploy.text() and "AttributeError" not in deploy.text(), deploy.text()[-3000:]
+        load.p.wait(180)
+        out = load.text()
+        lines = out.strip().splitlines()
+        assert lines[-1].startswith("Clients Stopped Exit Code "), out[-3000:]
+        assert lines[-2].startswith("Throughput: "), out[-3000:]
+        assert re.search(r"^Requests: 3000 Errors: \d+", out, re.M), out[-3000:]  # every request ended
+        assert "Traceback" not in out, out[-3000:]
+    finally:
+        for proc in (load, deploy, *workers, scheduler):
+            if proc is not None and proc.p.poll() is None:
+                proc.p.send_signal(signal.SIGTERM)
+        for proc in (load, deploy, *workers, scheduler):
+            if proc is not None:
+                try:
+                    proc.p.wait(60)
+                finally:
+                    proc.stop()
+
+
+def test_deploy_to_a_scheduler_that_refuses_the_connection_is_an_error_within_seconds(tmp_path):
+    port = free_port()  # nothing listens there
+    start = time.monotonic()
+    result = subprocess.run([PY, "-m", "deploy", "--scheduler-address", f"tcp://127.0.0.1:{port}",
+                             "--connect-timeout", "2"], cwd=ROOT, env=python_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"cannot reach the scheduler at tcp://127.0.0.1:{port} within 2 s" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert time.monotonic() - start < 30

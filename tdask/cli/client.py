@@ -15,21 +15,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from tdask.cli.options import non_negative_float, parameter, positive_float, positive_int
 from tdask.deploy.cluster import announced_scheduler_address
 from tdask.errors import TdaskError
 from tdask.session import RemoteOperator, Session, connect
-
-
-def _parameter(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,16 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scheduler to use (default: the embedded deploy's announced address, else "
                         "tcp://127.0.0.1:8786)")
     p.add_argument("--operator", default="encoder_decoder", help="operator to call (encoder_decoder, encoder, decoder)")
-    p.add_argument("--operator-version", type=int, default=None, help="operator version (default: latest)")
-    p.add_argument("--clients", type=int, default=1, help="concurrent clients")
-    p.add_argument("--requests-per-client", type=int, default=100, help="requests each client sends")
-    p.add_argument("--input-size-mean", type=float, default=1000, help="mean number of int64 elements per request")
-    p.add_argument("--input-size-stdev", type=float, default=0, help="standard deviation of the input size")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="requests one client keeps in flight (default: all of them at once, like the original)")
-    p.add_argument("--parameter", type=_parameter, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--operator-version", type=positive_int, default=None, help="operator version (default: latest)")
+    p.add_argument("--clients", type=positive_int, default=1, help="concurrent clients")
+    p.add_argument("--requests-per-client", type=positive_int, default=100, help="requests each client sends")
+    p.add_argument("--input-size-mean", type=non_negative_float, default=1000,
+                   help="mean number of int64 elements per request")
+    p.add_argument("--input-size-stdev", type=non_negative_float, default=0,
+                   help="standard deviation of the input size")
+    p.add_argument("--concurrency", type=positive_int, default=None,
+                   help="requests one client keeps in flight (default: all of them at once, like the original); "
+                        "each input is made just before its request is sent")
+    p.add_argument("--parameter", type=parameter, action="append", default=[], metavar="KEY=VALUE",
                    help="request parameter, e.g. input_copies=2 or delay=0.001 (repeatable)")
-    p.add_argument("--timeout", type=float, default=None, help="per-request timeout in seconds")
+    p.add_argument("--timeout", type=positive_float, default=None,
+                   help="per-request timeout in seconds (default: tdask.request.timeout)")
+    p.add_argument("--connect-timeout", type=positive_float, default=5.0,
+                   help="seconds to reach the scheduler before giving up")
     p.add_argument("--output-device", choices=("cpu", "gpu"), default=None,
                    help="have outputs come back as NumPy (cpu) or stay CuPy arrays on the GPU (gpu); "
                         "default: as the operator produced them")
@@ -85,42 +80,48 @@ _request_ids = itertools.count()
 
 
 async def run_client(index: int, op: RemoteOperator, args: argparse.Namespace, stats: ClientStats) -> None:
+    """``--concurrency`` loops (all requests at once without it), each making its request's input just before
+    sending it: a request's timeout and latency count that request only, and the inputs alive at once are
+    bounded by the concurrency, not by the request count."""
     rng = np.random.default_rng(args.seed + index)
     params = dict(args.parameter)
     copies = int(params.get("input_copies", 1))
-    limit = asyncio.Semaphore(args.concurrency or args.requests_per_client or 1)
     bar = tqdm(total=args.requests_per_client, position=index, desc=f"Client {index}",
                disable=args.no_progress, leave=True, file=sys.stdout)
+    todo = iter(range(args.requests_per_client))
 
     async def one() -> None:
         size = max(0, round(rng.normal(args.input_size_mean, args.input_size_stdev)))
         x = rng.integers(0, 2**31, size=size, dtype=np.int64)
         request_id = str(next(_request_ids))
-        async with limit:
-            start = time.perf_counter()
-            error: Any = None
-            replica = None
-            try:
-                result = await op.infer({"input": make_input(args.operator, x, copies)}, params,
-                                        request_id=request_id, timeout=args.timeout,
-                                        output_device=args.output_device)
-                replica = f"{result.replica}@{result.worker}"
-                expected = expected_output(args.operator, x, copies)
-                output = result["output"]
-                if hasattr(output, "__cuda_array_interface__"):  # checked on the host
-                    output = output.get()
-                if expected is not None and not (output.shape == expected.shape and np.array_equal(output, expected)):
-                    stats.wrong += 1
-                    error = f"wrong output (shape {output.shape}, expected {expected.shape})"
-                    stats.errors.append(error)
-            except TdaskError as e:
-                error = f"{type(e).__name__}: {e}"
+        start = time.perf_counter()
+        error: Any = None
+        replica = None
+        try:
+            result = await op.infer({"input": make_input(args.operator, x, copies)}, params,
+                                    request_id=request_id, timeout=args.timeout, output_device=args.output_device)
+            replica = f"{result.replica}@{result.worker}"
+            expected = expected_output(args.operator, x, copies)
+            output = result["output"]
+            if hasattr(output, "__cuda_array_interface__"):  # checked on the host
+                output = output.get()
+            if expected is not None and not (output.shape == expected.shape and np.array_equal(output, expected)):
+                stats.wrong += 1
+                error = f"wrong output (shape {output.shape}, expected {expected.shape})"
                 stats.errors.append(error)
-            stats.latencies.append(time.perf_counter() - start)
+        except Exception as e:  # noqa: BLE001 - every request ends counted, whatever failed
+            error = f"{type(e).__name__}: {e}"
+            stats.errors.append(error)
+        stats.latencies.append(time.perf_counter() - start)
         bar.set_description(f"Received Response: {request_id} From: {replica} Error: {error}")
         bar.update(1)
 
-    await asyncio.gather(*(one() for _ in range(args.requests_per_client)))
+    async def sender() -> None:
+        for _ in todo:  # shared by the senders: each request is sent once
+            await one()
+
+    await asyncio.gather(*(sender() for _ in range(min(args.concurrency or args.requests_per_client,
+                                                       args.requests_per_client))))
     bar.close()
 
 
@@ -174,9 +175,10 @@ def summary_table(summary: dict[str, Any]) -> str:
 async def amain(args: argparse.Namespace) -> int:
     address = args.scheduler_address or announced_scheduler_address()
     try:
-        session: Session = await asyncio.wait_for(connect(address), 60)
+        session: Session = await connect(address, timeout=args.connect_timeout)
     except (TimeoutError, OSError) as e:
-        print(f"Error: cannot reach the scheduler at {address}: {e}", file=sys.stderr)
+        print(f"Error: cannot reach the scheduler at {address} within {args.connect_timeout:g} s: {e}",
+              file=sys.stderr)
         return 2
     try:
         op = await session.operator(args.operator, args.operator_version)
@@ -209,10 +211,11 @@ async def amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in ("clients", "requests_per_client"):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    copies = dict(args.parameter).get("input_copies", 1)
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:  # the answers are checked with it
+        parser.error(f"--parameter input_copies must be a positive integer, got {copies!r}")
     code = asyncio.run(amain(args))
     print(f"Clients Stopped Exit Code {code}", flush=True)
     return code

@@ -9,13 +9,17 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import dask.config
 from distributed import Client
 
+from tdask.cli.options import at_least, positive_float
+from tdask.cli.options import device as _device
+from tdask.cli.options import non_negative_float as _non_negative_float
+from tdask.cli.options import positive_int as _positive
 from tdask.deploy.cluster import (
     count_gpus,
     remove_address_file,
@@ -31,33 +35,6 @@ logger = logging.getLogger("deploy")
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_OPERATOR_REPOSITORY = ROOT / "operators"
-
-
-def _device(value: str) -> str:
-    v = value.upper()
-    if v not in ("CPU", "GPU"):
-        raise argparse.ArgumentTypeError(f"device must be CPU or GPU, got {value!r}")
-    return v
-
-
-def _at_least(cast: type, minimum: float, what: str) -> Callable[[str], Any]:
-    """An argparse type: ``cast(value) >= minimum``, else a message naming ``what`` was expected."""
-
-    def parse(value: str) -> Any:
-        try:
-            number = cast(value)
-        except ValueError:
-            number = None
-        if number is None or number < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
-        return number
-
-    parse.__name__ = what
-    return parse
-
-
-_positive = _at_least(int, 1, "a positive integer")
-_non_negative_float = _at_least(float, 0, "a number >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,11 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a running scheduler (dask scheduler); without it an embedded cluster is started")
     c.add_argument("--protocol", default="tcp", choices=("tcp", "ucx", "tls"),
                    help="comm protocol of the embedded cluster")
-    c.add_argument("--scheduler-port", type=int, default=8786, help="embedded scheduler port (0: any free port)")
+    c.add_argument("--scheduler-port", type=at_least(int, 0, "a port number >= 0"), default=8786,
+                   help="embedded scheduler port (0: any free port)")
     c.add_argument("--dashboard-address", default=":8787", help="embedded dashboard address")
-    c.add_argument("--n-workers", type=int, default=None,
+    c.add_argument("--n-workers", type=_positive, default=None,
                    help="embedded CPU workers (default: one per CPU replica)")
-    c.add_argument("--gpus", type=int, default=None, help="embedded GPU workers (default: GPUs found)")
+    c.add_argument("--gpus", type=at_least(int, 0, "a number of GPUs >= 0"), default=None,
+                   help="embedded GPU workers (default: GPUs found)")
+    c.add_argument("--connect-timeout", type=positive_float, default=5.0,
+                   help="seconds to reach a running scheduler (--scheduler-address) before giving up")
     lg = p.add_argument_group("logging")
     lg.add_argument("--log-dir", default=None, help="one log file per worker plus each Triton server's log")
     lg.add_argument("--clear-logs", action="store_true", help="empty --log-dir first")
@@ -198,7 +179,14 @@ async def serve(args: argparse.Namespace) -> int:
         address = args.scheduler_address
     exit_code = 0
     try:
-        async with Client(address, asynchronous=True, direct_to_workers=True) as client:
+        try:
+            client = await Client(address, asynchronous=True, direct_to_workers=True, timeout=args.connect_timeout)
+        except (OSError, TimeoutError) as e:
+            print(f"Error: cannot reach the scheduler at {address} within {args.connect_timeout:g} s: {e}",
+                  file=sys.stderr, flush=True)
+            return 1
+        lost = asyncio.ensure_future(scheduler_lost(client, args.connect_timeout))
+        try:
             if cluster is None:
                 print(f"Scheduler {address}, dashboard {client.dashboard_link}", flush=True)
             await client.register_plugin(WorkerSettings(settings, args.log_level))
@@ -206,32 +194,61 @@ async def serve(args: argparse.Namespace) -> int:
             try:
                 start = asyncio.ensure_future(deployment.start())
                 stopped = asyncio.ensure_future(stop.wait())
-                await asyncio.wait([start, stopped], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([start, stopped, lost], return_when=asyncio.FIRST_COMPLETED)
                 if not start.done():
                     start.cancel()
-                    print("Interrupted while starting; stopping", flush=True)
+                    if not lost.done():
+                        print("Interrupted while starting; stopping", flush=True)
                 else:
                     for info in start.result():
                         print_replica(info)
                     print("Workers started ... press Ctrl-C to Exit", flush=True)
-                    await stopped
-                print("Stopping operators ...", flush=True)
+                    await asyncio.wait([stopped, lost], return_when=asyncio.FIRST_COMPLETED)
+                if lost.done():
+                    print(f"Error: the scheduler at {address} is gone, and the operators with it; deploy exits",
+                          file=sys.stderr, flush=True)
+                    exit_code = 3
+                else:
+                    print("Stopping operators ...", flush=True)
             except TdaskError as e:
                 print(f"Error: {e}", file=sys.stderr, flush=True)
                 exit_code = 1
             finally:
-                await deployment.stop()
-                if cluster is None:  # user's workers keep running, without our plugin
-                    try:
-                        await client.unregister_worker_plugin(WorkerSettings.name)
-                    except Exception as e:
-                        logger.warning("removing the worker plugin: %r", e)
+                if not lost.done():
+                    await deployment.stop()
+                    if cluster is None:  # user's workers keep running, without our plugin
+                        try:
+                            await client.unregister_worker_plugin(WorkerSettings.name)
+                        except Exception as e:
+                            logger.warning("removing the worker plugin: %r", e)
+        finally:
+            lost.cancel()
+            try:
+                await asyncio.wait_for(client.close(), args.connect_timeout)
+            except (OSError, TimeoutError):
+                pass
     finally:
         if cluster is not None:
             await cluster.close()
             remove_address_file()
     print("Stopped", flush=True)
     return exit_code
+
+
+async def scheduler_lost(client: Client, grace: float) -> None:
+    """Returns once ``client`` has lost its scheduler: closed, or reconnecting for longer than ``grace`` s."""
+    since = None
+    while True:
+        await asyncio.sleep(0.2)
+        status = str(getattr(client.status, "value", client.status))
+        if status in ("closing", "closed"):
+            return
+        if status == "connecting":
+            since = since if since is not None else asyncio.get_running_loop().time()
+            if asyncio.get_running_loop().time() - since > grace:
+                return
+        else:
+            since = None
 
 
 def check_protocol(protocol: str) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -79,6 +80,9 @@ class WorkerStream:
         self.sender: CoalescingWriter | None = None
         self._reader: asyncio.Task | None = None
         self._connecting: asyncio.Lock = asyncio.Lock()
+        # a connect that failed, and until when the requests after it fail at once (a dead worker is not
+        # waited for again by every request queued behind it)
+        self._failed: tuple[float, Exception] | None = None
 
     async def _ensure(self) -> CoalescingWriter:
         if self.sender is not None and not self.comm.closed():
@@ -86,10 +90,16 @@ class WorkerStream:
         async with self._connecting:
             if self.sender is not None and not self.comm.closed():
                 return self.sender
+            now = time.monotonic()
+            if self._failed is not None and now < self._failed[0]:
+                raise ReplicaUnavailableError(f"cannot connect to worker {self.address}: {self._failed[1]}",
+                                              retryable=True)
             try:
                 comm = await self._open()
             except (OSError, CommClosedError) as e:  # TimeoutError is an OSError; nothing was sent
+                self._failed = (time.monotonic() + config.seconds("routing.refresh-interval"), e)
                 raise ReplicaUnavailableError(f"cannot connect to worker {self.address}: {e}", retryable=True) from e
+            self._failed = None
             sender = CoalescingWriter(comm)
             self.comm, self.sender = comm, sender
             self._reader = asyncio.ensure_future(self._read(comm))

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from distributed import Client
+from distributed.comm import CommClosedError
 
 from tdask import config
 from tdask.deploy.placement import plan_placement
@@ -118,12 +119,21 @@ class Deployment:
 
     # -- supervision ----------------------------------------------------------------------
     async def _supervise(self) -> None:
+        unreachable = False
         while True:
             await asyncio.sleep(config.seconds("deployment.supervise-interval"))
+            if self.client.status in ("closing", "closed"):
+                logger.warning("deployment supervisor: its client is closed (the scheduler is gone?); it stops")
+                return
             try:
                 await self.check()
+                unreachable = False
             except asyncio.CancelledError:
                 raise
+            except (OSError, CommClosedError) as e:  # said once, not every second
+                if not unreachable:
+                    logger.warning("deployment supervisor: cannot reach the scheduler (%s)", e)
+                unreachable = True
             except Exception:
                 logger.exception("deployment supervisor")
 

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import numpy as np
+from distributed.comm import CommClosedError
 
 from tdask import config
 from tdask.comm import protocol
@@ -60,6 +61,21 @@ class RemoteOperator:
     def __repr__(self) -> str:
         return f"<RemoteOperator {self.name} v{self.version}: {len(self.replicas)} replicas>"
 
+    async def _refresh_before(self, deadline: float, timeout: float, request_id: str) -> None:
+        """Refresh within the request's deadline. Where the scheduler cannot be reached, the replicas known
+        are used (requests go to workers directly); with none known, that is the request's error."""
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await self.refresh()
+        except TimeoutError:
+            raise RequestTimeoutError(f"request {request_id} to operator {self.name!r}: no answer from the scheduler "
+                                      f"about its replicas within {timeout:g} s") from None
+        except (OSError, CommClosedError) as e:  # TimeoutError is caught above
+            self._refreshed = time.monotonic()
+            if not self.replicas:
+                raise ReplicaUnavailableError(f"operator {self.name!r}: cannot reach the scheduler to find its "
+                                              f"replicas ({e})", retryable=True) from e
+
     async def refresh(self) -> None:
         """Re-read the replica list (replicas move when workers die and come back)."""
         self._refreshed = time.monotonic()
@@ -104,7 +120,7 @@ class RemoteOperator:
         deadline = time.monotonic() + timeout
         down_for = config.seconds("routing.refresh-interval")
         if time.monotonic() - self._refreshed > down_for or not self.replicas:
-            await self.refresh()
+            await self._refresh_before(deadline, timeout, request_id)
         tried: set[str] = set()
         last_error: Exception | None = None
         refreshed = False
@@ -163,7 +179,7 @@ class RemoteOperator:
                         self._down[replica] = time.monotonic() + down_for
                         if not refreshed:  # the replica list may be stale (redeployed): re-read it once
                             refreshed = True
-                            await self.refresh()
+                            await self._refresh_before(deadline, timeout, request_id)
                     last_error = error
                     continue
                 raise error

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from distributed import Client
+from distributed.comm import CommClosedError
 
 from tdask.comm import protocol
 from tdask.comm.stream import StreamPool
@@ -115,15 +116,20 @@ class Session:
         await self.close()
 
 
-async def connect(address: str | Client | None = None, *, security: Any = None) -> Session:
-    """Open a :class:`Session` on the cluster at ``address`` (or on an async ``Client``)."""
+async def connect(address: str | Client | None = None, *, security: Any = None,
+                  timeout: float | None = None) -> Session:
+    """Open a :class:`Session` on the cluster at ``address`` (or on an async ``Client``); ``timeout``: seconds to
+    reach the scheduler (default Dask's ``distributed.comm.timeouts.connect``)."""
     if isinstance(address, Client):
         client, owns = address, False
     else:
-        client = await Client(address, asynchronous=True, direct_to_workers=True, security=security)
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        client = await Client(address, asynchronous=True, direct_to_workers=True, security=security, **kwargs)
         owns = True
 
     async def lookup(keys: list[str]) -> Any:
+        if client.status in ("closing", "closed"):  # Dask's closed client fails with an AttributeError
+            raise CommClosedError(f"the session's client is closed (its scheduler {address} is gone?)")
         return await client.get_metadata(keys, default=None)
 
     return Session(lookup, dict(client.connection_args), client=client, owns_client=owns, landing=caller_landing)

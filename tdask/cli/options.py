@@ -1,0 +1,48 @@
+"""Option types the command lines share: every value is checked by argparse, with a one-line error."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+
+def at_least(cast: type, minimum: float, what: str, strictly: bool = False) -> Callable[[str], Any]:
+    """An argparse type: ``cast(value) >= minimum`` (``>`` when ``strictly``), else an error naming ``what``."""
+
+    def parse(value: str) -> Any:
+        try:
+            number = cast(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum or (strictly and number == minimum) or number != number:  # NaN
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        return number
+
+    parse.__name__ = what
+    return parse
+
+
+positive_int = at_least(int, 1, "a positive integer")
+non_negative_float = at_least(float, 0, "a number >= 0")
+positive_float = at_least(float, 0, "a number > 0", strictly=True)
+
+
+def parameter(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``, the value an int or float where it reads as one, else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def device(value: str) -> str:
+    v = value.upper()
+    if v not in ("CPU", "GPU"):
+        raise argparse.ArgumentTypeError(f"device must be CPU or GPU, got {value!r}")
+    return v
