@@ -11,10 +11,15 @@ from typing import Any
 from tdask.errors import OperatorNotFoundError
 
 ROOT = ["tdask", "operators"]
+TOKENS = ["tdask", "tokens"]  # each worker's request-stream token, by its address (tdask.comm.protocol)
 
 
 def operator_key(name: str) -> list[str]:
     return [*ROOT, name]
+
+
+def token_key(worker: str) -> list[str]:
+    return [*TOKENS, worker]
 
 
 def pick_version(name: str, versions: dict[str, Any] | None, version: int | None, known: list[str]) -> tuple[int, dict]:

@@ -20,7 +20,7 @@ from distributed.protocol import to_serialize
 
 from tdask import ProtocolError
 from tdask.comm import protocol
-from tdask.comm.stream import open_stream
+from tdask.comm.stream import accept_stream, open_stream
 from tdask.comm.tcp import SMALL, SocketComm, socket_stream_wanted
 
 pytestmark = pytest.mark.timeout(300)
@@ -40,7 +40,12 @@ async def _listening(handle=None, landing=None) -> AsyncIterator[tuple[Any, asyn
     """A ``tdask://`` listener on a free local port (as a worker opens one); the comms it accepts, after Dask's
     handshake, go to ``handle`` or are queued, unread, for the test to use."""
     accepted: asyncio.Queue[SocketComm] = asyncio.Queue()
-    listener = listen("tdask://127.0.0.1:0", handle or accepted.put, landing=landing)
+
+    async def framing_only(comm: SocketComm) -> None:  # tests of framing skip the hello: keep the comm open
+        comm.opened = True
+        await (handle or accepted.put)(comm)
+
+    listener = listen("tdask://127.0.0.1:0", framing_only, landing=landing)
     await listener.start()
     try:
         yield listener, accepted
@@ -422,7 +427,8 @@ def test_an_answer_the_caller_dropped_is_not_held_by_its_stream(loop, client, he
 
 # -- the hello ------------------------------------------------------------------------------------
 def test_a_peer_of_another_protocol_version_is_a_clear_error_naming_both_versions() -> None:
-    with pytest.raises(ProtocolError, match=r"version 7, this process version 1"):
+    mine, later = protocol.PROTOCOL_VERSION, protocol.PROTOCOL_VERSION + 1
+    with pytest.raises(ProtocolError, match=rf"version 7, this process version {mine}"):
         protocol.check_hello({"op": "hello", "version": 7, "host": b""}, "tcp://10.0.0.1:1")
     with pytest.raises(ProtocolError, match="did not open the request stream with tdask's hello"):
         protocol.check_hello({"op": "infer"}, "tcp://10.0.0.1:1")
@@ -431,14 +437,45 @@ def test_a_peer_of_another_protocol_version_is_a_clear_error_naming_both_version
         async with _listening() as (listener, accepted):
             client = await _connect(listener)
             server = await asyncio.wait_for(accepted.get(), 10)
-            await server.write({**protocol.hello(b""), "version": 2})  # a worker of a later tdask
-            with pytest.raises(ProtocolError, match=r"speaks tdask's request-stream protocol version 2, this process "
-                                                    r"version 1"):
-                await open_stream(client, 5)
+            await server.write({**protocol.hello(b""), "version": later})  # a worker of a later tdask
+            with pytest.raises(ProtocolError, match=rf"speaks tdask's request-stream protocol version {later}, this "
+                                                    rf"process version {mine}"):
+                await open_stream(client, 5, "token")
             client.abort()
             server.abort()
 
     asyncio.run(scenario())
+
+
+def test_a_caller_without_the_workers_token_is_refused_and_never_told_its_host() -> None:
+    """Any peer can reach a worker's socket; only one that read the worker's token from the scheduler is told
+    the worker's host identity (which would let it lend the worker frames), and the worker says why it refuses."""
+
+    async def scenario(token: str | None) -> tuple[BaseException | None, BaseException | None, bool]:
+        async with _listening() as (listener, accepted):
+            client = await _connect(listener)
+            server = await asyncio.wait_for(accepted.get(), 10)
+            hellos = []
+            real_read = client.read
+
+            async def read(*args, **kwargs):  # what the worker's hello said
+                msg = await real_read(*args, **kwargs)
+                hellos.append(msg)
+                return msg
+
+            client.read = read
+            opened, accepted_ = await asyncio.gather(open_stream(client, 5, token), accept_stream(server, 5, "secret"),
+                                                     return_exceptions=True)
+            client.abort()
+            server.abort()
+            return opened, accepted_, bool(hellos and hellos[0].get("host"))
+
+    opened, accepted_, told = asyncio.run(scenario("guessed"))
+    assert isinstance(accepted_, ProtocolError) and "without this worker's token" in str(accepted_)
+    assert isinstance(opened, ProtocolError) and "refused the request stream" in str(opened), opened
+    assert not told, "the worker named its host to a peer without its token"
+    opened, accepted_, told = asyncio.run(scenario("secret"))
+    assert opened is None and accepted_ is None and told
 
 
 def test_every_message_kind_is_in_the_protocols_table() -> None:
@@ -463,7 +500,7 @@ async def _pair(listener, accepted, landing=None) -> tuple[SocketComm, SocketCom
     """Both ends of one stream, each having read the other's hello."""
     client = await _connect(listener, landing)
     server = await asyncio.wait_for(accepted.get(), 10)
-    await asyncio.gather(open_stream(client, 10), open_stream(server, 10))
+    await asyncio.gather(open_stream(client, 10, "token"), accept_stream(server, 10, "token"))
     return client, server
 
 
@@ -583,11 +620,11 @@ def test_nothing_is_lent_to_a_peer_on_another_host_or_when_turned_off() -> None:
         async with _listening() as (listener, accepted):
             client = await _connect(listener)
             server = await asyncio.wait_for(accepted.get(), 10)
-            if fake_identity is not None:  # a peer whose hello says it is elsewhere
-                await client.write(protocol.hello(fake_identity))
-                await asyncio.gather(open_stream(server, 10), client.read())
+            if fake_identity is not None:  # a caller whose hello says it is elsewhere
+                await client.write(protocol.hello(fake_identity, token="token"))
+                await asyncio.gather(accept_stream(server, 10, "token"), client.read())
             else:
-                await asyncio.gather(open_stream(client, 10), open_stream(server, 10))
+                await asyncio.gather(open_stream(client, 10, "token"), accept_stream(server, 10, "token"))
             x = region.view(np.int64, [100_000], 0)
             x[:] = 7
             reading = asyncio.ensure_future(client.read())

@@ -3,8 +3,10 @@
 A caller opens one request stream to each worker it calls (:mod:`tdask.comm.stream`); the worker serves it
 (:mod:`tdask.worker.extension`). The stream is a Dask comm: tdask's own socket for ``tcp://`` workers
 (:mod:`tdask.comm.tcp`), the worker's Dask comm for ``tls://`` and ``ucx://``. The caller opens it with
-the worker's Dask handler :data:`STREAM_HANDLER`; then each end sends a :func:`hello` and checks the
-other's (:func:`check_hello`) before anything else.
+the worker's Dask handler :data:`STREAM_HANDLER` and sends its :func:`hello` first, with the worker's token (a
+random string each worker publishes in the scheduler's metadata, so only a member of the cluster knows it); the
+worker checks it (:func:`check_hello`) and answers with its own hello, which names its host only to a caller
+that showed the token. Nothing else is read or sent before.
 
 After the hello, every message is a dict. A message the caller sends has an ``"op"`` from
 :data:`MESSAGES`; one that expects an answer carries an ``"id"``, and its answer carries the same
@@ -18,7 +20,8 @@ from typing import Any, NamedTuple
 
 from tdask.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the caller's hello comes first and carries the worker's token
+MAX_FRAMES = 1 << 20  # frames in one message at most: a count word beyond it ends the stream
 
 # Dask handlers of a worker (registered by tdask.worker.extension)
 STREAM_HANDLER = "tdask_stream"  # opens a request stream on this comm
@@ -43,7 +46,8 @@ class Message(NamedTuple):
 
 
 MESSAGES: dict[str, Message] = {
-    HELLO: Message("both", "version, host (who may share memory with this end; empty: none)", ""),
+    HELLO: Message("both", "version, host (who may share memory with this end; empty: none); the caller's: "
+                           "token (the worker's); the worker's: error (why it refuses the stream)", ""),
     INFER: Message("caller", "id, replica, request_id, inputs, parameters, keep, output_device",
                    "outputs (tensors or kept references) or error"),
     FETCH: Message("caller", "id, keys (tensors kept on the worker)", "tensors by key, or error"),
@@ -56,13 +60,20 @@ MESSAGES: dict[str, Message] = {
 }
 
 
-def hello(host: bytes) -> dict[str, Any]:
-    """What each end sends first: the protocol version, and its host identity when memory may be shared."""
-    return {"op": HELLO, "version": PROTOCOL_VERSION, "host": host}
+def hello(host: bytes, *, token: str | None = None, error: str | None = None) -> dict[str, Any]:
+    """What each end sends first: the protocol version, its host identity when memory may be shared, the
+    worker's token (the caller's hello), or why the worker refuses the stream (the worker's)."""
+    msg: dict[str, Any] = {"op": HELLO, "version": PROTOCOL_VERSION, "host": host}
+    if token is not None:
+        msg["token"] = token
+    if error is not None:
+        msg["error"] = error
+    return msg
 
 
-def check_hello(msg: Any, peer: str) -> bytes:
-    """The peer's host identity from its hello; a :class:`ProtocolError` naming both versions when they differ."""
+def check_hello(msg: Any, peer: str) -> dict[str, Any]:
+    """The peer's hello as ``{"host": bytes, "token": str | None}``; a :class:`ProtocolError` when it is not one,
+    when the versions differ (naming both), or when the peer refuses the stream (saying why)."""
     if not isinstance(msg, dict) or msg.get("op") != HELLO:
         raise ProtocolError(f"{peer} did not open the request stream with tdask's hello (got {msg!r:.100}); "
                             "it is not tdask, or a tdask older than request-stream protocol version 1")
@@ -70,5 +81,8 @@ def check_hello(msg: Any, peer: str) -> bytes:
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"{peer} speaks tdask's request-stream protocol version {version}, this process "
                             f"version {PROTOCOL_VERSION}: run the same tdask version in every process of the cluster")
-    host = msg.get("host") or b""
-    return bytes(host) if isinstance(host, (bytes, bytearray, memoryview)) else b""
+    if msg.get("error"):
+        raise ProtocolError(f"{peer} refused the request stream: {str(msg['error'])[:500]}")
+    host, token = msg.get("host") or b"", msg.get("token")
+    return {"host": bytes(host) if isinstance(host, (bytes, bytearray, memoryview)) else b"",
+            "token": token if isinstance(token, str) else None}

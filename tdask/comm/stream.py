@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from distributed.comm import CommClosedError, connect, get_address_host
@@ -15,7 +16,7 @@ from distributed.core import clean_exception
 from tdask import config
 from tdask.comm import protocol, tcp
 from tdask.comm.writer import CoalescingWriter
-from tdask.errors import ReplicaUnavailableError
+from tdask.errors import ProtocolError, ReplicaUnavailableError
 from tdask.shm.lending import Landing
 
 logger = logging.getLogger(__name__)
@@ -43,14 +44,35 @@ async def read_messages(comm: Any, handle: Callable[[dict[str, Any]], None]) -> 
             each(await comm.read())  # not held while the next one is awaited: its regions would stay taken
 
 
-async def open_stream(comm: Any, timeout: float) -> None:
-    """Exchange hellos on a new request stream (either end): a :class:`~tdask.errors.ProtocolError` when the
-    peer speaks another protocol version; lending is agreed where both ends share ``/dev/shm``."""
+async def open_stream(comm: Any, timeout: float, token: str | None) -> None:
+    """The caller's side of a new stream's hellos: its own first, with the worker's ``token``, then the worker's.
+    A :class:`~tdask.errors.ProtocolError` when the worker speaks another protocol version or refuses the
+    stream; lending is agreed where both ends share ``/dev/shm``."""
     socket_comm = isinstance(comm, tcp.SocketComm)
-    await comm.write(protocol.hello(comm.identity() if socket_comm else b""))
-    peer_host = protocol.check_hello(await asyncio.wait_for(comm.read(), timeout), comm.peer_address)
+    await comm.write(protocol.hello(comm.identity() if socket_comm else b"", token=token))
+    peer = protocol.check_hello(await asyncio.wait_for(comm.read(), timeout), comm.peer_address)
     if socket_comm:
-        comm.agree(peer_host)
+        comm.agree(peer["host"])
+
+
+async def accept_stream(comm: Any, timeout: float, token: str) -> None:
+    """The worker's side: the caller's hello must come within ``timeout`` and carry this worker's ``token``
+    (which only members of the cluster can read from the scheduler) before this host's identity is told; else a
+    hello that says why, and a :class:`~tdask.errors.ProtocolError`."""
+    socket_comm = isinstance(comm, tcp.SocketComm)
+    try:
+        peer = protocol.check_hello(await asyncio.wait_for(comm.read(), timeout), comm.peer_address)
+        if not hmac.compare_digest((peer["token"] or "").encode(), token.encode()):
+            raise ProtocolError(f"{comm.peer_address} opened a request stream without this worker's token")
+    except ProtocolError as e:
+        try:  # say why before the stream ends (best effort)
+            await asyncio.wait_for(comm.write(protocol.hello(b"", error=str(e))), timeout)
+        except (CommClosedError, OSError):
+            pass
+        raise
+    await comm.write(protocol.hello(comm.identity() if socket_comm else b""))
+    if socket_comm:
+        comm.agree(peer["host"])
 
 
 def _reason(reply: Any) -> Any:
@@ -70,8 +92,9 @@ class WorkerStream:
     """
 
     def __init__(self, address: str, connection_args: dict[str, Any], landing: Landing | None = None,
-                 listener: StreamListener | None = None) -> None:
+                 listener: StreamListener | None = None, token: Token | None = None) -> None:
         self.address = address
+        self.token = token  # the worker's token, asked of the scheduler when a stream opens
         self.connection_args = connection_args
         self.landing = landing  # where large frames of the answers are received (plain-socket streams only)
         self.listener = listener
@@ -108,6 +131,7 @@ class WorkerStream:
     async def _open(self) -> Any:
         """A request stream: on the worker's tdask socket where it offers one, else on a Dask comm."""
         timeout = config.seconds("transfer.connect-timeout")
+        token = await asyncio.wait_for(self.token(self.address), timeout) if self.token is not None else None
         comm = await connect(self.address, timeout=timeout, **self.connection_args)
         try:
             if tcp.socket_stream_wanted(self.address):
@@ -121,7 +145,7 @@ class WorkerStream:
                     address = tcp.address(get_address_host(self.address), reply["port"])
                     comm = await connect(address, timeout=timeout, landing=self.landing)
             await comm.write({"op": protocol.STREAM_HANDLER, "reply": False})
-            await open_stream(comm, timeout)
+            await open_stream(comm, timeout, token)
         except BaseException:
             comm.abort()
             raise
@@ -199,12 +223,17 @@ class StreamListener(Protocol):
     def lost(self, address: str) -> None: ...
 
 
-class StreamPool:
-    """One :class:`WorkerStream` per worker address, per caller."""
+Token = Callable[[str], Awaitable["str | None"]]  # a worker's address -> its request-stream token
 
-    def __init__(self, connection_args: dict[str, Any], landing: Landing | None = None) -> None:
+
+class StreamPool:
+    """One :class:`WorkerStream` per worker address, per caller; ``token`` finds each worker's token."""
+
+    def __init__(self, connection_args: dict[str, Any], landing: Landing | None = None,
+                 token: Token | None = None) -> None:
         self.connection_args = connection_args
         self.landing = landing
+        self.token = token
         self.listener: StreamListener | None = None
         self.streams: dict[str, WorkerStream] = {}
 
@@ -212,7 +241,7 @@ class StreamPool:
         stream = self.streams.get(address)
         if stream is None:
             stream = self.streams[address] = WorkerStream(address, self.connection_args, self.landing,
-                                                          self.listener)
+                                                          self.listener, self.token)
         return stream
 
     async def close(self) -> None:

@@ -32,6 +32,8 @@ import logging
 import socket
 import struct
 import threading
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -45,6 +47,7 @@ from distributed.protocol.utils import host_array
 from distributed.utils import ensure_memoryview
 
 from tdask import config
+from tdask.comm import protocol
 from tdask.errors import ConfigError
 from tdask.shm import lending
 from tdask.shm.lending import IN_PLACE, Landing
@@ -57,7 +60,6 @@ logger = logging.getLogger(__name__)
 U64 = struct.Struct("<Q")
 LOAN = struct.Struct("<QQQ")  # a lent frame: token, offset, size; then the region's name
 SMALL = 64 * 1024  # frames up to this size are read through one reused buffer; larger ones into their own
-_MAX_FRAMES = 1 << 20
 _CONTROL = 1 << 63  # in a count word: a control message (its kind in the low bits), not a Dask message
 _ACK = 2
 SCHEME = "tdask"
@@ -66,6 +68,69 @@ _MAX_CONTROL = SMALL  # control payloads are read through the reused buffer
 _Encoded = tuple[bytes, list["bytes | memoryview"], list[int]]  # a message's length words, frames, sizes
 _MORE = object()  # the buffer holds only part of the next message
 _AWAITED = object()  # the next message must be awaited: a control message, large or lent frames
+
+
+class _Watch:
+    """A stall timer of one wait on a socket (:meth:`SocketComm._watch`)."""
+
+    def __init__(self, comm: SocketComm, done: asyncio.Future, midway: Callable[[], bool], stall: float) -> None:
+        self.comm, self.done, self.midway, self.stall = comm, done, midway, stall
+        self.handle = comm._loop.call_later(stall, self._check)
+
+    def _check(self) -> None:
+        if self.done.done():
+            return
+        quiet = self.comm._loop.time() - self.comm._progress
+        if quiet >= self.stall and self.midway():
+            self.done.set_exception(self.comm._malformed(
+                f"it sent nothing for {quiet:.0f} s in the middle of a message (tdask.transfer.stall-timeout)"))
+        else:
+            self.handle = self.comm._loop.call_later(max(self.stall - quiet, 0.05), self._check)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
+class _Budget:
+    """Bytes reserved for large frames still arriving on this event loop's streams (a worker's, a caller's)."""
+
+    def __init__(self) -> None:
+        self.used = 0
+        self._waiters: deque[asyncio.Future] = deque()
+
+    async def reserve(self, nbytes: int, limit: int) -> None:
+        while self.used and self.used + nbytes > limit:  # alone, a message of any allowed size goes
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        self.used -= nbytes
+        while self._waiters:  # each waiter looks again
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+_budgets: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Budget] = weakref.WeakKeyDictionary()
+
+
+def _budget(loop: asyncio.AbstractEventLoop) -> _Budget:
+    budget = _budgets.get(loop)
+    if budget is None:
+        budget = _budgets[loop] = _Budget()
+    return budget
+
+
+def receiving(loop: asyncio.AbstractEventLoop | None = None) -> int:
+    """Bytes reserved now for large frames still arriving on ``loop``'s streams (this loop's by default)."""
+    budget = _budgets.get(loop or asyncio.get_running_loop())
+    return budget.used if budget is not None else 0
 
 
 def socket_stream_wanted(address: str) -> bool:
@@ -104,6 +169,8 @@ class SocketComm(DaskComm):
         self._acking: asyncio.Task | None = None
         self._borrowed_from: set[str] = set()  # the peer's regions mapped here
         self._thread = threading.get_ident()  # the loop's: a loan mapped here may be returned from any thread
+        self._progress = self._loop.time()  # when bytes last came (a message that stops coming ends the stream)
+        self.opened = False  # a request stream was opened on it (its hellos exchanged: agree)
         set_tcp_timeout(self)  # a silent peer is dropped as on Dask's comms (distributed.comm.timeouts.tcp)
 
     def __repr__(self) -> str:
@@ -150,6 +217,7 @@ class SocketComm(DaskComm):
         """Take the peer's hello: frames are lent to it only if it shares this host's ``/dev/shm``."""
         mine = lending.host_identity()
         self.peer_shares_memory = bool(mine) and peer_identity == mine and lending.wanted()
+        self.opened = True
 
     def abort(self) -> None:
         """Ends the connection; a read or write in progress fails with CommClosedError.
@@ -202,9 +270,10 @@ class SocketComm(DaskComm):
             self._busy -= 1
             self._release()
 
-    async def _recv(self, view: memoryview, minimum: int) -> int:
+    async def _recv(self, view: memoryview, minimum: int, idle: bool = False) -> int:
         """Receives into ``view`` until at least ``minimum`` bytes came; the descriptor stays watched meanwhile
-        (``loop.sock_recv_into`` would watch and unwatch it for every chunk of a large frame)."""
+        (``loop.sock_recv_into`` would watch and unwatch it for every chunk of a large frame). Unless the stream
+        is ``idle`` (between messages), a peer that sends nothing for ``tdask.transfer.stall-timeout`` ends it."""
         got = self._recv_ready(view, 0)
         if got >= minimum:
             return got
@@ -212,12 +281,20 @@ class SocketComm(DaskComm):
         fd = self.socket.fileno()
         self._busy += 1
         self._loop.add_reader(fd, self._on_readable, done, view, minimum, got)
+        watch = None if idle else self._watch(done, lambda: True)
         try:
             return await done
         finally:
+            if watch is not None:
+                watch.cancel()
             self._loop.remove_reader(fd)  # before the descriptor may be closed
             self._busy -= 1
             self._release()
+
+    def _watch(self, done: asyncio.Future, midway: Callable[[], bool]) -> _Watch:
+        """Fails ``done`` once the peer sent nothing for ``tdask.transfer.stall-timeout`` while ``midway()``
+        (a message begun): its reserved memory is not held for a peer that stopped."""
+        return _Watch(self, done, midway, config.seconds("transfer.stall-timeout"))
 
     def _recv_ready(self, view: memoryview, got: int) -> int:
         """Takes what the socket holds now; raises at the end of the stream."""
@@ -235,6 +312,7 @@ class SocketComm(DaskComm):
                 self.abort()
                 raise CommClosedError(f"connection to {self.peer_address} was closed by the other side")
             got += n
+            self._progress = self._loop.time()
         return got
 
     def _on_readable(self, done: asyncio.Future, view: memoryview, minimum: int, got: int) -> None:
@@ -250,12 +328,12 @@ class SocketComm(DaskComm):
         else:  # watched again with the new count
             self._loop.add_reader(self.socket.fileno(), self._on_readable, done, view, minimum, got)
 
-    async def _buffered(self, n: int) -> bytes:
+    async def _buffered(self, n: int, idle: bool = False) -> bytes:
         """The next ``n`` (<= SMALL) bytes, through the reused buffer."""
         held = self._end - self._start
         if held < n:
             self._fit(n)
-            self._end += await self._recv(self._view[self._end:], n - held)
+            self._end += await self._recv(self._view[self._end:], n - held, idle and held == 0)
         out = bytes(self._view[self._start:self._start + n])
         self._start += n
         return out
@@ -272,11 +350,15 @@ class SocketComm(DaskComm):
 
     async def _large(self, n: int) -> memoryview:
         frame = await self._room(n)
-        held = min(n, self._end - self._start)
-        frame[:held] = self._view[self._start:self._start + held]
-        self._start += held
-        if held < n:
-            await self._recv(frame[held:], n - held)
+        try:
+            held = min(n, self._end - self._start)
+            frame[:held] = self._view[self._start:self._start + held]
+            self._start += held
+            if held < n:
+                await self._recv(frame[held:], n - held)
+        except BaseException:
+            frame.release()  # its memory (a region of the pool, say) is given back now, not when collected
+            raise
         return frame
 
     def _malformed(self, what: str) -> CommClosedError:
@@ -285,19 +367,39 @@ class SocketComm(DaskComm):
 
     async def read(self, deserializers: Any = None) -> Any:
         while True:
-            (count,) = U64.unpack(await self._buffered(8))
+            (count,) = U64.unpack(await self._buffered(8, idle=True))
             if not count & _CONTROL:
                 return await self._message(count, deserializers)
             await self._control(count & ~_CONTROL)
 
     async def _message(self, count: int, deserializers: Any = None) -> Any:
-        """The rest of a message of ``count`` frames, its count word read."""
-        if count > _MAX_FRAMES:
-            raise self._malformed(f"{count} frames")
+        """The rest of a message of ``count`` frames, its count word read. Every length is checked against
+        ``tdask.transfer.max-message-bytes`` before anything is allocated, and the message's large frames are
+        reserved all at once within the process's budget (``tdask.transfer.receiving-bytes``): a stream waits
+        for room (TCP holds its sender back) but never holds part of it while it waits."""
+        if count > protocol.MAX_FRAMES:
+            raise self._malformed(f"{count} frames (at most {protocol.MAX_FRAMES})")
         lengths = struct.unpack(f"<{count}Q", await self._exactly(8 * count)) if count else ()
-        frames = []
-        for n in lengths:
-            frames.append(await (self._borrowed(n & ~LENT) if n & LENT else self._exactly(n)))
+        sent = [n for n in lengths if not n & LENT]
+        limit = int(config.get("transfer.max-message-bytes"))
+        if sum(sent) > limit:
+            raise self._malformed(f"a {sum(sent)}-byte message, over tdask.transfer.max-message-bytes ({limit})")
+        large = sum(n for n in sent if n > SMALL)
+        budget = _budget(self._loop)
+        if large:
+            await budget.reserve(large, int(config.get("transfer.receiving-bytes")))
+        frames: list = []
+        try:
+            for n in lengths:
+                frames.append(await (self._borrowed(n & ~LENT) if n & LENT else self._exactly(n)))
+        except BaseException:
+            for frame in frames:  # a message cut short: what came of it is given back now
+                if isinstance(frame, memoryview):
+                    frame.release()
+            raise
+        finally:
+            if large:
+                budget.release(large)
         return self._loads(frames, deserializers)
 
     def _loads(self, frames: list, deserializers: Any = None) -> Any:
@@ -332,9 +434,11 @@ class SocketComm(DaskComm):
         fd = self.socket.fileno()
         self._busy += 1
         self._loop.add_reader(fd, self._pumped, done, handle)
+        watch = self._watch(done, lambda: self._end > self._start)  # part of a message is in: the rest must come
         try:
             await done
         finally:
+            watch.cancel()
             self._loop.remove_reader(fd)  # before the descriptor may be closed
             self._busy -= 1
             self._release()
@@ -415,6 +519,9 @@ class SocketComm(DaskComm):
                                   else f"a {n}-byte loan")
         loan = bytes(await self._exactly(n))
         token, offset, nbytes = LOAN.unpack_from(loan)
+        limit = int(config.get("transfer.max-message-bytes"))
+        if nbytes > limit:
+            raise self._malformed(f"a lent {nbytes}-byte frame, over tdask.transfer.max-message-bytes ({limit})")
         try:
             name = loan[LOAN.size:].decode()
             if offset + nbytes > mappings.size(name):  # checked before room is made for it
@@ -615,15 +722,24 @@ class SocketListener(BaseListener):
             task.add_done_callback(self._handlers.discard)
 
     async def _serve(self, comm: SocketComm) -> None:
+        timeout = config.seconds("transfer.connect-timeout")
         try:
-            await asyncio.wait_for(self.on_connection(comm), config.seconds("transfer.connect-timeout"))
+            await asyncio.wait_for(self.on_connection(comm), timeout)
         except (CommClosedError, OSError, TimeoutError) as e:
             logger.debug("request stream from %s ended in its handshake: %r", comm.peer_address, e)
             comm.abort()
             return
+        # a peer that never opens a request stream on it (no handler op, no hello) is not held open
+        asyncio.get_running_loop().call_later(timeout, self._unopened, comm)
         result = self.handle_comm(comm)
         if asyncio.iscoroutine(result):
             await result
+
+    @staticmethod
+    def _unopened(comm: SocketComm) -> None:
+        if not comm.opened and not comm.closed():
+            logger.info("connection from %s opened no request stream in time: closed", comm.peer_address)
+            comm.abort()
 
     def stop(self) -> None:
         if self._task is not None:

@@ -14,6 +14,8 @@ from typing import Any
 
 from distributed.comm import CommClosedError
 
+from tdask import config
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,6 +43,10 @@ class CoalescingWriter:
     def send(self, msg: Any) -> None:
         if self.closed or self.comm.closed():
             raise CommClosedError(f"comm {self.comm!r} is closed")
+        if len(self.buffer) >= int(config.get("transfer.max-unread-messages")):  # only while a write is stuck
+            self.abort()
+            raise CommClosedError(f"{self.comm.peer_address} reads nothing of what it is sent: {len(self.buffer)} "
+                                  "messages wait for it (tdask.transfer.max-unread-messages); its stream ends")
         self.buffer.append(msg)
         if self._task is None and not self._flushing:
             if self._try_write is None:

@@ -12,7 +12,7 @@ from distributed.comm import CommClosedError
 from tdask.comm import protocol
 from tdask.comm.stream import StreamPool
 from tdask.errors import from_wire
-from tdask.registry import ROOT, operator_key, pick_version
+from tdask.registry import ROOT, operator_key, pick_version, token_key
 from tdask.session.remote_operator import RemoteOperator
 from tdask.shm.lending import Landing, caller_landing
 
@@ -62,12 +62,16 @@ class Session:
         local: WorkerSide | None = None,
     ) -> None:
         self.lookup = lookup
-        self.pool = StreamPool(connection_args, landing)
+        self.pool = StreamPool(connection_args, landing, self._token)
         self.client = client
         self.local = local
         self._owns_client = owns_client
         self._operators: dict[tuple[str, int | None], RemoteOperator] = {}
         self._loop = asyncio.get_running_loop()
+
+    async def _token(self, worker: str) -> str | None:
+        """The request-stream token ``worker`` published in the scheduler's metadata."""
+        return await self.lookup(token_key(worker))
 
     async def operator(self, name: str, version: int | None = None) -> RemoteOperator:
         """The handle to ``name`` at ``version`` (latest when ``None``)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -22,9 +23,10 @@ from distributed.protocol import to_serialize
 
 from tdask import config
 from tdask.comm import protocol, tcp
-from tdask.comm.stream import open_stream, read_messages
+from tdask.comm.stream import accept_stream, read_messages
 from tdask.comm.writer import CoalescingWriter
 from tdask.errors import InvalidRequestError, ProtocolError, ReplicaUnavailableError, TdaskError, to_wire
+from tdask.registry import token_key
 from tdask.session import Session
 from tdask.tensors import inline_threshold, nbytes
 from tdask.tensors import to_wire as tensor_to_wire
@@ -67,6 +69,8 @@ class WorkerExtension:
         self._listener: Any = None
         self._reaper: asyncio.Task | None = None
         self._closed = False
+        # only a caller that shows it (read from the scheduler: a member of the cluster) is told this host's identity
+        self.token = secrets.token_urlsafe(24)
 
         async def lookup(keys: list[str]) -> Any:
             return await worker.scheduler.get_metadata(keys=keys, default=None)
@@ -85,6 +89,10 @@ class WorkerExtension:
         worker.handlers[protocol.STREAM_HANDLER] = self.handle_stream
         worker.handlers[protocol.SOCKET_HANDLER] = self.handle_stream_socket
         worker.handlers[protocol.STATS_HANDLER] = self.stats
+
+    async def publish(self) -> None:
+        """Put this worker's request-stream token where its callers find it: the scheduler's metadata."""
+        await self.worker.scheduler.set_metadata(keys=token_key(self.address), value=self.token)
 
     # -- replicas ------------------------------------------------------------------------------
     def add_replica(self, replica: Any) -> None:
@@ -147,8 +155,8 @@ class WorkerExtension:
     # -- the request stream ----------------------------------------------------------------------
     async def handle_stream(self, comm: Any, **kwargs: Any) -> Status:
         try:
-            await open_stream(comm, config.seconds("transfer.connect-timeout"))
-        except (ProtocolError, CommClosedError, OSError) as e:
+            await accept_stream(comm, config.seconds("transfer.connect-timeout"), self.token)
+        except (ProtocolError, CommClosedError, OSError) as e:  # TimeoutError is an OSError
             logger.warning("request stream from %s refused: %s", comm.peer_address, e)
             comm.abort()
             return Status.dont_reply

@@ -22,9 +22,10 @@ class TdaskWorkerPlugin(WorkerPlugin):
     name = "tdask"
     idempotent = True
 
-    def setup(self, worker: Any) -> None:
+    async def setup(self, worker: Any) -> None:
         if "tdask" not in worker.extensions:
-            worker.extensions["tdask"] = WorkerExtension(worker)
+            extension = worker.extensions["tdask"] = WorkerExtension(worker)
+            await extension.publish()
 
     async def teardown(self, worker: Any) -> None:
         extension = worker.extensions.pop("tdask", None)
