@@ -297,3 +297,64 @@ def test_deploy_to_a_scheduler_that_refuses_the_connection_is_an_error_within_se
     assert f"cannot reach the scheduler at tcp://127.0.0.1:{port} within 2 s" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert time.monotonic() - start < 30
+
+
+def test_a_detached_deployment_outlives_its_command_places_lost_replicas_again_and_is_removed(tmp_path):
+    import re
+
+    env = python_env(DASK_TDASK__ADDRESS_FILE=str(tmp_path / "addr.json"))
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask_bin = os.path.join(os.path.dirname(PY), "dask")
+    scheduler = Proc([dask_bin, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+                     tmp_path / "scheduler.log", env)
+    workers: list[Proc] = []
+
+    def deploy(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PY, "-m", "deploy", "--scheduler-address", address, *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    try:
+        scheduler.wait_for("Scheduler at:")
+        workers = [Proc([dask_bin, "worker", address, "--nthreads", "1", "--name", f"w{i}", "--host", "127.0.0.1"],
+                        tmp_path / f"worker{i}.log", env) for i in range(2)]
+        for w in workers:
+            w.wait_for("Starting established connection")
+        placed = deploy("--detach")
+        assert placed.returncode == 0, placed.stdout + placed.stderr
+        assert "Workers started" in placed.stdout and "detached as 'default'" in placed.stdout
+        # the command is gone; the deployment serves
+        check_client_output(run_client(env, "--scheduler-address", address, "--requests-per-client", "10"), 10)
+        listing = deploy("--list")
+        assert listing.returncode == 0 and "Deployment default: 3 replicas" in listing.stdout, listing.stdout
+        encoder_worker = re.search(r"Started encoder replica \S+ on worker (\S+):", listing.stdout).group(1)
+        lost = next(w for w in workers if re.search(rf"Start worker at:\s+{re.escape(encoder_worker)}\s", w.text()))
+        os.killpg(lost.p.pid, signal.SIGKILL)  # the worker and its nanny: no restart, the other worker takes over
+        lost.p.wait(30)
+        end = time.time() + 180
+        while time.time() < end:
+            listing = deploy("--list")
+            if listing.stdout.count(" on worker ") == 3 and encoder_worker not in listing.stdout:
+                break
+            time.sleep(1)
+        assert encoder_worker not in listing.stdout and listing.stdout.count(" on worker ") == 3, listing.stdout
+        check_client_output(run_client(env, "--scheduler-address", address, "--requests-per-client", "10"), 10)
+        removed = deploy("--remove")
+        assert removed.returncode == 0 and "Removed default" in removed.stdout, removed.stdout + removed.stderr
+        after = run_client(env, "--scheduler-address", address, "--requests-per-client", "3")
+        assert after.returncode != 0 and "no operator named 'encoder_decoder'" in after.stderr, after.stderr
+        survivor = next(w for w in workers if w is not lost)
+        end = time.time() + 60
+        while time.time() < end and any(p.name() == "tritonserver" for p in survivor.descendants()):
+            time.sleep(0.5)
+        assert not any(p.name() == "tritonserver" for p in survivor.descendants()), "remove stops the Triton servers"
+        assert deploy("--list").stdout.strip().endswith("No detached deployments")
+    finally:
+        for proc in (*workers, scheduler):
+            if proc.p.poll() is None:
+                proc.p.send_signal(signal.SIGTERM)
+        for proc in (*workers, scheduler):
+            try:
+                proc.p.wait(60)
+            finally:
+                proc.stop()

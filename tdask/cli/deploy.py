@@ -15,6 +15,7 @@ from typing import Any
 
 import dask.config
 from distributed import Client
+from distributed.protocol import pickle
 
 from tdask.cli.options import at_least, positive_float
 from tdask.cli.options import device as _device
@@ -27,8 +28,9 @@ from tdask.deploy.cluster import (
     write_address_file,
 )
 from tdask.deploy.deployment import Deployment
+from tdask.deploy.supervisor import DeploymentsPlugin
 from tdask.deploy.worker_settings import WorkerSettings
-from tdask.errors import TdaskError
+from tdask.errors import TdaskError, from_wire
 from tdask.operator import OperatorConfig
 
 logger = logging.getLogger("deploy")
@@ -84,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded GPU workers (default: GPUs found)")
     c.add_argument("--connect-timeout", type=positive_float, default=5.0,
                    help="seconds to reach a running scheduler (--scheduler-address) before giving up")
+    d = p.add_argument_group("deployments that outlive this command (on a running scheduler)")
+    d.add_argument("--detach", action="store_true",
+                   help="place the operators, leave them served and supervised by the scheduler, and exit")
+    d.add_argument("--list", action="store_true", help="list the detached deployments and their replicas, and exit")
+    d.add_argument("--remove", action="store_true",
+                   help="remove the detached deployment --name (every one with --name omitted) and exit")
+    d.add_argument("--name", default=None,
+                   help="the detached deployment's name (default: 'default'; deploying a name again replaces it)")
     lg = p.add_argument_group("logging")
     lg.add_argument("--log-dir", default=None, help="one log file per worker plus each Triton server's log")
     lg.add_argument("--clear-logs", action="store_true", help="empty --log-dir first")
@@ -153,7 +163,59 @@ def print_replica(info: dict[str, Any]) -> None:
     print(line, flush=True)
 
 
+async def detached(args: argparse.Namespace) -> int:
+    """``--detach``, ``--list`` and ``--remove``: ask the scheduler's :class:`DeploymentsPlugin`, then exit."""
+    address = args.scheduler_address
+    try:
+        client = await Client(address, asynchronous=True, timeout=args.connect_timeout)
+    except (OSError, TimeoutError) as e:
+        print(f"Error: cannot reach the scheduler at {address} within {args.connect_timeout:g} s: {e}",
+              file=sys.stderr, flush=True)
+        return 1
+    try:
+        await client.register_plugin(DeploymentsPlugin())  # once per scheduler: registering again changes nothing
+        handlers = client.scheduler
+        if args.list:
+            listing = await handlers.tdask_deployments()
+            if not listing:
+                print("No detached deployments", flush=True)
+            for name, replicas in sorted(listing.items()):
+                print(f"Deployment {name}: {len(replicas)} replicas", flush=True)
+                for info in replicas:
+                    print_replica(info)
+            return 0
+        if args.remove:
+            removed = (await handlers.tdask_remove(name=args.name))["removed"]
+            if args.name is not None and not removed:
+                print(f"Error: no detached deployment named {args.name!r}", file=sys.stderr, flush=True)
+                return 1
+            if not await handlers.tdask_deployments():  # the last one gone: deploy's worker settings go too
+                try:
+                    await client.unregister_worker_plugin(WorkerSettings.name)
+                except Exception as e:  # noqa: BLE001 - never registered (nothing was detached here)
+                    logger.debug("removing the worker settings plugin: %r", e)
+            print(f"Removed {', '.join(removed) or 'nothing'}", flush=True)
+            return 0
+        settings = worker_settings(args)
+        await client.register_plugin(WorkerSettings(settings, args.log_level))
+        name = args.name or "default"
+        print(f"Scheduler {address}, dashboard {client.dashboard_link}", flush=True)
+        answer = await handlers.tdask_deploy(name=name, operators=pickle.dumps(operator_configs(args)))
+        if "error" in answer:
+            print(f"Error: {from_wire(answer['error'])}", file=sys.stderr, flush=True)
+            return 1
+        for info in answer["replicas"]:
+            print_replica(info)
+        print(f"Workers started ... detached as {name!r}: the scheduler serves and supervises it; "
+              f"python -m deploy --remove --scheduler-address {address} takes it down", flush=True)
+        return 0
+    finally:
+        await client.close()
+
+
 async def serve(args: argparse.Namespace) -> int:
+    if args.detach or args.list or args.remove:
+        return await detached(args)
     configs = operator_configs(args)
     settings = worker_settings(args)
     dask.config.set(settings)
@@ -267,7 +329,13 @@ def check_protocol(protocol: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if sum((args.detach, args.list, args.remove)) > 1:
+        parser.error("--detach, --list and --remove go one at a time")
+    if (args.detach or args.list or args.remove) and args.scheduler_address is None:
+        parser.error("--detach, --list and --remove need --scheduler-address: a cluster that outlives this command "
+                     "(an embedded one stops with it)")
     problem = check_protocol(args.protocol) if args.scheduler_address is None else None
     if problem:
         print(f"Error: {problem}", file=sys.stderr)
