@@ -339,6 +339,12 @@ def test_a_detached_deployment_outlives_its_command_places_lost_replicas_again_a
             time.sleep(1)
         assert encoder_worker not in listing.stdout and listing.stdout.count(" on worker ") == 3, listing.stdout
         check_client_output(run_client(env, "--scheduler-address", address, "--requests-per-client", "10"), 10)
+        updated = deploy("--detach", "--encoder-max-inflight", "3")  # the same name again: replaced
+        assert updated.returncode == 0, updated.stdout + updated.stderr
+        listing = deploy("--list")
+        assert "Deployment default: 3 replicas" in listing.stdout, listing.stdout
+        assert re.search(r"Started encoder replica .* max in-flight 3", listing.stdout), listing.stdout
+        check_client_output(run_client(env, "--scheduler-address", address, "--requests-per-client", "10"), 10)
         removed = deploy("--remove")
         assert removed.returncode == 0 and "Removed default" in removed.stdout, removed.stdout + removed.stderr
         after = run_client(env, "--scheduler-address", address, "--requests-per-client", "3")
