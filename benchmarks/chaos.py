@@ -80,7 +80,7 @@ class Ledger:
             k: v for k, v in c.items() if k.startswith("error:")}
 
 
-async def _cut_off(sock: socket.socket, timeout: float) -> bool:
+async def cut_off(sock: socket.socket, timeout: float) -> bool:
     """Whether the worker ends the connection within ``timeout`` (what it sends is read and dropped)."""
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
@@ -97,7 +97,8 @@ async def _cut_off(sock: socket.socket, timeout: float) -> bool:
         sock.close()
 
 
-async def _sent(sock: socket.socket, data: bytes) -> bool:
+async def sent(sock: socket.socket, data: bytes) -> bool:
+    """Sends ``data`` without blocking the loop; False when the worker ended the connection first."""
     sock.setblocking(False)
     try:
         await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, data), 30)
@@ -129,7 +130,7 @@ async def hostile_peers(host: str, port: int, token: str) -> dict[str, bool]:
 
     out: dict[str, bool] = {}
     sock = await raw()
-    out["random bytes"] = not await _sent(sock, np.random.default_rng(1).bytes(1 << 20)) or await _cut_off(sock, 10)
+    out["random bytes"] = not await sent(sock, np.random.default_rng(1).bytes(1 << 20)) or await cut_off(sock, 10)
     comm = await connect(f"tdask://{host}:{port}", timeout=5)
     await comm.write({"op": protocol.STREAM_HANDLER, "reply": False})
     await comm.write(protocol.hello(b"", token="guessed"))
@@ -143,9 +144,9 @@ async def hostile_peers(host: str, port: int, token: str) -> dict[str, bool]:
         comm = await member()
         sock = comm.socket.dup()
         comm.abort()
-        out[name] = not await _sent(sock, struct.pack(f"<{len(words)}Q", *words)) or await _cut_off(sock, 10)
+        out[name] = not await sent(sock, struct.pack(f"<{len(words)}Q", *words)) or await cut_off(sock, 10)
     silent = [await raw() for _ in range(50)]
-    cut = await asyncio.gather(*(_cut_off(s, 30) for s in silent))
+    cut = await asyncio.gather(*(cut_off(s, 30) for s in silent))
     out["50 silent connections"] = all(cut)
     return out
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -54,6 +56,34 @@ class Proc:
             self.p.kill()
             self.p.wait(30)
         self.file.close()
+
+
+@contextlib.contextmanager
+def dask_cli_cluster(tmp_path: Path, env: dict[str, str], workers: int, *worker_args: str) -> Iterator[tuple]:
+    """A ``dask scheduler`` and ``workers`` ``dask worker`` processes: (address, scheduler, workers); all stopped at
+    the end, whatever the test did to them."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask_bin = os.path.join(os.path.dirname(PY), "dask")
+    scheduler = Proc([dask_bin, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+                     tmp_path / "scheduler.log", env)
+    procs: list[Proc] = []
+    try:
+        scheduler.wait_for("Scheduler at:")
+        procs = [Proc([dask_bin, "worker", address, "--nthreads", "1", "--name", f"w{i}", "--host", "127.0.0.1",
+                       *worker_args], tmp_path / f"worker{i}.log", env) for i in range(workers)]
+        for w in procs:
+            w.wait_for("Starting established connection")
+        yield address, scheduler, procs
+    finally:
+        for proc in (*procs, scheduler):
+            if proc.p.poll() is None:
+                proc.p.send_signal(signal.SIGTERM)
+        for proc in (*procs, scheduler):
+            try:
+                proc.p.wait(60)
+            finally:
+                proc.stop()
 
 
 def alive(procs: list[psutil.Process], wait: float = 15) -> list[psutil.Process]:
@@ -133,19 +163,7 @@ def test_client_exits_non_zero_when_requests_fail(tmp_path):
 
 def test_dask_scheduler_and_worker_clis_with_deploy_and_client(tmp_path):
     env = python_env(DASK_TDASK__ADDRESS_FILE=str(tmp_path / "addr.json"))
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask_bin = os.path.join(os.path.dirname(PY), "dask")
-    scheduler = Proc([dask_bin, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
-                     tmp_path / "scheduler.log", env)
-    workers = []
-    try:
-        scheduler.wait_for("Scheduler at:")
-        for i, resources in enumerate(["CPU=1", "CPU=1", "CPU=1"]):
-            workers.append(Proc([dask_bin, "worker", address, "--nthreads", "1", "--name", f"w{i}",
-                                 "--resources", resources, "--host", "127.0.0.1"], tmp_path / f"worker{i}.log", env))
-        for w in workers:
-            w.wait_for("Starting established connection")
+    with dask_cli_cluster(tmp_path, env, 3, "--resources", "CPU=1") as (address, _, workers):
         deploy = Proc([PY, "-m", "deploy", "--scheduler-address", address, "--log-dir", str(tmp_path / "logs")],
                       tmp_path / "deploy.log", env)
         try:
@@ -187,17 +205,6 @@ def test_dask_scheduler_and_worker_clis_with_deploy_and_client(tmp_path):
                 killed.stop()
         finally:
             deploy.stop()
-    finally:
-        for w in workers:
-            w.p.send_signal(signal.SIGTERM)
-        for w in workers:
-            try:
-                w.p.wait(60)
-            finally:
-                w.stop()
-        scheduler.p.send_signal(signal.SIGTERM)
-        scheduler.p.wait(60)
-        scheduler.stop()
 
 
 def test_sigterm_drains_in_flight_requests_before_stopping(tmp_path):
@@ -240,19 +247,9 @@ def test_a_scheduler_killed_under_load_ends_every_request_and_deploy_exits_non_z
     import re
 
     env = python_env(DASK_TDASK__ADDRESS_FILE=str(tmp_path / "addr.json"))
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask_bin = os.path.join(os.path.dirname(PY), "dask")
-    scheduler = Proc([dask_bin, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
-                     tmp_path / "scheduler.log", env)
-    workers: list[Proc] = []
     deploy = load = None
-    try:
-        scheduler.wait_for("Scheduler at:")
-        workers = [Proc([dask_bin, "worker", address, "--nthreads", "1", "--name", f"w{i}", "--host", "127.0.0.1"],
-                        tmp_path / f"worker{i}.log", env) for i in range(2)]
-        for w in workers:
-            w.wait_for("Starting established connection")
+    with dask_cli_cluster(tmp_path, env, 2) as (address, scheduler, _), contextlib.ExitStack() as stack:
+        stack.callback(lambda: [proc.stop() for proc in (load, deploy) if proc is not None])
         deploy = Proc([PY, "-m", "deploy", "--scheduler-address", address, "--encoders", "1", "4", "1", "CPU",
                        "--decoders", "1", "4", "1", "CPU", "--encoder-decoders", "1", "8"],
                       tmp_path / "deploy.log", env)
@@ -275,16 +272,6 @@ def test_a_scheduler_killed_under_load_ends_every_request_and_deploy_exits_non_z
         assert lines[-2].startswith("Throughput: "), out[-3000:]
         assert re.search(r"^Requests: 3000 Errors: \d+", out, re.M), out[-3000:]  # every request ended
         assert "Traceback" not in out, out[-3000:]
-    finally:
-        for proc in (load, deploy, *workers, scheduler):
-            if proc is not None and proc.p.poll() is None:
-                proc.p.send_signal(signal.SIGTERM)
-        for proc in (load, deploy, *workers, scheduler):
-            if proc is not None:
-                try:
-                    proc.p.wait(60)
-                finally:
-                    proc.stop()
 
 
 def test_deploy_to_a_scheduler_that_refuses_the_connection_is_an_error_within_seconds(tmp_path):
@@ -303,23 +290,12 @@ def test_a_detached_deployment_outlives_its_command_places_lost_replicas_again_a
     import re
 
     env = python_env(DASK_TDASK__ADDRESS_FILE=str(tmp_path / "addr.json"))
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask_bin = os.path.join(os.path.dirname(PY), "dask")
-    scheduler = Proc([dask_bin, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
-                     tmp_path / "scheduler.log", env)
-    workers: list[Proc] = []
 
     def deploy(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([PY, "-m", "deploy", "--scheduler-address", address, *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
 
-    try:
-        scheduler.wait_for("Scheduler at:")
-        workers = [Proc([dask_bin, "worker", address, "--nthreads", "1", "--name", f"w{i}", "--host", "127.0.0.1"],
-                        tmp_path / f"worker{i}.log", env) for i in range(2)]
-        for w in workers:
-            w.wait_for("Starting established connection")
+    with dask_cli_cluster(tmp_path, env, 2) as (address, _, workers):
         placed = deploy("--detach")
         assert placed.returncode == 0, placed.stdout + placed.stderr
         assert "Workers started" in placed.stdout and "detached as 'default'" in placed.stdout
@@ -355,12 +331,3 @@ def test_a_detached_deployment_outlives_its_command_places_lost_replicas_again_a
             time.sleep(0.5)
         assert not any(p.name() == "tritonserver" for p in survivor.descendants()), "remove stops the Triton servers"
         assert deploy("--list").stdout.strip().endswith("No detached deployments")
-    finally:
-        for proc in (*workers, scheduler):
-            if proc.p.poll() is None:
-                proc.p.send_signal(signal.SIGTERM)
-        for proc in (*workers, scheduler):
-            try:
-                proc.p.wait(60)
-            finally:
-                proc.stop()

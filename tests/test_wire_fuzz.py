@@ -15,6 +15,8 @@ import psutil
 import pytest
 from conftest import SUPPORT
 
+from benchmarks.chaos import cut_off, sent
+
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 SETTINGS = {
@@ -37,31 +39,6 @@ def _worker_state(dask_worker) -> dict:
 
 def _shm_bytes() -> int:
     return sum(entry.stat().st_size for entry in os.scandir("/dev/shm") if entry.name.startswith("tdask_"))
-
-
-async def _send(sock: socket.socket, data: bytes) -> bool:
-    """Sends ``data`` without blocking the loop; False when the worker ended the connection first."""
-    sock.setblocking(False)
-    try:
-        await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, data), 30)
-        return True
-    except OSError:  # reset or broken pipe: the worker cut it off
-        return False
-
-
-async def _closed(sock: socket.socket, timeout: float) -> bool:
-    """Whether the worker ends the connection within ``timeout`` (reading and dropping what it sends)."""
-    loop = asyncio.get_running_loop()
-    sock.setblocking(False)
-    try:
-        async with asyncio.timeout(timeout):
-            while await loop.sock_recv(sock, 65536):
-                pass
-        return True
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
 
 
 def test_hostile_peers_leave_the_worker_serving_with_its_resources_back_at_baseline(loop):
@@ -113,8 +90,8 @@ def test_hostile_peers_leave_the_worker_serving_with_its_resources_back_at_basel
                     rng = np.random.default_rng(5)
                     for _ in range(5):
                         sock = await peer()
-                        whole = await _send(sock, rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes())
-                        out["closed"].setdefault("random bytes", []).append(not whole or await _closed(sock, 10))
+                        whole = await sent(sock, rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes())
+                        out["closed"].setdefault("random bytes", []).append(not whole or await cut_off(sock, 10))
                         sock.close()
                     # 2. without the token: refused, told why, never told the worker's host
                     comm, answer = await opened(with_token=False)
@@ -125,26 +102,26 @@ def test_hostile_peers_leave_the_worker_serving_with_its_resources_back_at_basel
                                         ("2^40 frames", [1 << 40]), ("65 MiB over the limit", [2, 1 << 20, 64 << 20])]:
                         comm, _ = await opened(with_token=True)
                         sock = comm.socket.dup()
-                        whole = await _send(sock, struct.pack(f"<{len(words)}Q", *words))
+                        whole = await sent(sock, struct.pack(f"<{len(words)}Q", *words))
                         await asyncio.sleep(0.2)
                         out.setdefault("reserved for a rogue length", {})[name] = \
                             (await client.run(_worker_state))[worker]["receiving"]
                         comm.abort()
-                        out["closed"][name] = not whole or await _closed(sock, 10)
+                        out["closed"][name] = not whole or await cut_off(sock, 10)
                         sock.close()
                     # 4. a frame within the limit, announced and then not sent: cut after the stall timeout
                     comm, _ = await opened(with_token=True)
                     raw = comm.socket.dup()
-                    assert await _send(raw, U64.pack(1) + U64.pack(32 << 20) + bytes(8 << 20))
+                    assert await sent(raw, U64.pack(1) + U64.pack(32 << 20) + bytes(8 << 20))
                     await asyncio.sleep(0.3)
                     out["receiving while stalled"] = (await client.run(_worker_state))[worker]["receiving"]
-                    out["closed"]["truncated frame"] = await _closed(raw, 10)
+                    out["closed"]["truncated frame"] = await cut_off(raw, 10)
                     raw.close()
                     comm.abort()
                     # 5. many connections that say nothing: dropped after the connect timeout
                     silent = [await peer() for _ in range(200)]
                     out["fds with 200 silent peers"] = (await client.run(_worker_state))[worker]["fds"]
-                    out["closed"]["silent"] = all(await asyncio.gather(*(_closed(s, 15) for s in silent)))
+                    out["closed"]["silent"] = all(await asyncio.gather(*(cut_off(s, 15) for s in silent)))
                     for s in silent:
                         s.close()
                     # 6. a peer that sends requests and reads no answer: cut once 200 answers wait for it
@@ -152,23 +129,23 @@ def test_hostile_peers_leave_the_worker_serving_with_its_resources_back_at_basel
                     comm.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                     replica = next(iter((await session.operators())["echo"].values()))["replicas"][0]["replica"]
                     request = np.arange(7000, dtype=np.int64)  # 56 KB: inline in the message, answered inline
-                    sent, cut = 0, False
+                    n_sent, cut = 0, False
                     try:
                         for i in range(5000):
                             await asyncio.wait_for(comm.write({"op": protocol.INFER, "id": i, "replica": replica,
                                                                "request_id": f"r{i}", "inputs": {"input": request},
                                                                "parameters": {}, "keep": False,
                                                                "output_device": None}), 10)
-                            sent += 1
+                            n_sent += 1
                     except (OSError, TimeoutError):
                         cut = True
                     if not cut:  # it took all 5000: does it end the stream once its answers pile up?
                         sock = comm.socket.dup()
-                        cut = await _closed(sock, 30)
+                        cut = await cut_off(sock, 30)
                         sock.close()
                     comm.abort()
                     out["closed"]["not reading"] = cut
-                    out["not reading sent"] = sent
+                    out["not reading sent"] = n_sent
                     # the worker serves on, and what the peers took is back
                     await asyncio.sleep(1)
                     assert np.array_equal((await echo.infer({"input": x}))["output"], x)
