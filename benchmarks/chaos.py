@@ -251,6 +251,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     import tdask
     from tdask.deploy.cluster import start_embedded_cluster
+    from tdask.registry import token_key
 
     cluster = await start_embedded_cluster(n_workers=5, scheduler_port=0, dashboard_address=":0")
     ledger = Ledger()
@@ -357,7 +358,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     # 6. hostile peers on a worker's request-stream socket, while the load goes on
                     target = next(r for r in deployment.replicas if r["name"] == "encoder")["worker"]
                     port = (await client.rpc(target).tdask_stream_socket())["port"]
-                    token = await client.get_metadata(["tdask", "tokens", target])
+                    token = await client.get_metadata(token_key(target))
                     task = asyncio.ensure_future(load(args.seconds_per_phase))
                     hostile = await hostile_peers("127.0.0.1", port, token)
                     rids = await task

@@ -28,7 +28,7 @@ from tdask.deploy.cluster import (
     write_address_file,
 )
 from tdask.deploy.deployment import Deployment
-from tdask.deploy.supervisor import DeploymentsPlugin
+from tdask.deploy.supervisor import DEPLOY_HANDLER, LIST_HANDLER, REMOVE_HANDLER, DeploymentsPlugin
 from tdask.deploy.worker_settings import WorkerSettings
 from tdask.errors import TdaskError, from_wire
 from tdask.operator import OperatorConfig
@@ -175,8 +175,9 @@ async def detached(args: argparse.Namespace) -> int:
     try:
         await client.register_plugin(DeploymentsPlugin())  # once per scheduler: registering again changes nothing
         handlers = client.scheduler
+        deployments = getattr(handlers, LIST_HANDLER)
         if args.list:
-            listing = await handlers.tdask_deployments()
+            listing = await deployments()
             if not listing:
                 print("No detached deployments", flush=True)
             for name, replicas in sorted(listing.items()):
@@ -185,11 +186,11 @@ async def detached(args: argparse.Namespace) -> int:
                     print_replica(info)
             return 0
         if args.remove:
-            removed = (await handlers.tdask_remove(name=args.name))["removed"]
+            removed = (await getattr(handlers, REMOVE_HANDLER)(name=args.name))["removed"]
             if args.name is not None and not removed:
                 print(f"Error: no detached deployment named {args.name!r}", file=sys.stderr, flush=True)
                 return 1
-            if not await handlers.tdask_deployments():  # the last one gone: deploy's worker settings go too
+            if not await deployments():  # the last one gone: deploy's worker settings go too
                 try:
                     await client.unregister_worker_plugin(WorkerSettings.name)
                 except Exception as e:  # noqa: BLE001 - never registered (nothing was detached here)
@@ -200,7 +201,7 @@ async def detached(args: argparse.Namespace) -> int:
         await client.register_plugin(WorkerSettings(settings, args.log_level))
         name = args.name or "default"
         print(f"Scheduler {address}, dashboard {client.dashboard_link}", flush=True)
-        answer = await handlers.tdask_deploy(name=name, operators=pickle.dumps(operator_configs(args)))
+        answer = await getattr(handlers, DEPLOY_HANDLER)(name=name, operators=pickle.dumps(operator_configs(args)))
         if "error" in answer:
             print(f"Error: {from_wire(answer['error'])}", file=sys.stderr, flush=True)
             return 1

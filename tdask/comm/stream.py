@@ -142,7 +142,7 @@ class WorkerStream:
                                           f"{_reason(reply)}")
                 if reply["port"] is not None:  # None: the worker takes requests on Dask comms only
                     await comm.close()
-                    address = tcp.address(get_address_host(self.address), reply["port"])
+                    address = tcp.address_of(get_address_host(self.address), reply["port"])
                     comm = await connect(address, timeout=timeout, landing=self.landing)
             await comm.write({"op": protocol.STREAM_HANDLER, "reply": False})
             await open_stream(comm, timeout, token)

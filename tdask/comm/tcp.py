@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from distributed.comm.addressing import parse_host_port, unparse_address, unparse_host_port
 from distributed.comm.core import BaseListener, CommClosedError, Connector
 from distributed.comm.core import Comm as DaskComm
 from distributed.comm.registry import backends
@@ -662,7 +663,7 @@ class SocketConnector(Connector):
 
     async def connect(self, address: str, deserialize: bool = True, landing: Landing | None = None,
                       **connection_args: Any) -> SocketComm:
-        host, port = _host_port(address)
+        host, port = parse_host_port(address)  # Dask's registry hands a backend the address without its scheme
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -672,8 +673,7 @@ class SocketConnector(Connector):
             sock.close()
             raise
         local = sock.getsockname()
-        return SocketComm(sock, f"{SCHEME}://{local[0]}:{local[1]}", f"{SCHEME}://{host}:{port}", deserialize,
-                          landing)
+        return SocketComm(sock, address_of(local[0], local[1]), address_of(host, port), deserialize, landing)
 
 
 class SocketListener(BaseListener):
@@ -683,7 +683,7 @@ class SocketListener(BaseListener):
     def __init__(self, address: str, handle_comm: Callable[[SocketComm], Any], deserialize: bool = True,
                  landing: Landing | None = None, **connection_args: Any) -> None:
         super().__init__()
-        self.host, self.port = _host_port(address, default_port=0)
+        self.host, self.port = parse_host_port(address, 0)
         self.handle_comm = handle_comm
         self.deserialize = deserialize
         self.landing = landing
@@ -700,11 +700,11 @@ class SocketListener(BaseListener):
 
     @property
     def listen_address(self) -> str:
-        return f"{SCHEME}://{self.host}:{self.port}"
+        return address_of(self.host, self.port)
 
     @property
     def contact_address(self) -> str:
-        return f"{SCHEME}://{ensure_concrete_host(self.host)}:{self.port}"
+        return address_of(ensure_concrete_host(self.host), self.port)
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
@@ -715,7 +715,7 @@ class SocketListener(BaseListener):
                 logger.warning("request-stream listener %s: accept failed: %s", self.listen_address, e)
                 await asyncio.sleep(0.1)
                 continue
-            comm = SocketComm(conn, self.listen_address, f"{SCHEME}://{peer[0]}:{peer[1]}", self.deserialize,
+            comm = SocketComm(conn, self.listen_address, address_of(peer[0], peer[1]), self.deserialize,
                               self.landing)
             task = asyncio.ensure_future(self._serve(comm))
             self._handlers.add(task)
@@ -750,18 +750,9 @@ class SocketListener(BaseListener):
             self._sock.close()
 
 
-def _host_port(address: str, default_port: int | None = None) -> tuple[str, int]:
-    from distributed.comm.addressing import parse_host_port
-
-    if "://" in address:
-        address = address.split("://", 1)[1]
-    host, port = parse_host_port(address, default_port)
-    return host, int(port)
-
-
-def address(host: str, port: int) -> str:
-    """The address of a request-stream listener on ``host:port``, for :func:`distributed.comm.connect`."""
-    return f"{SCHEME}://{host}:{port}"
+def address_of(host: str, port: int) -> str:
+    """The ``tdask://`` address of ``host:port`` (an IPv6 host in brackets), for :func:`distributed.comm.connect`."""
+    return unparse_address(SCHEME, unparse_host_port(host, port))
 
 
 class SocketBackend(BaseTCPBackend):

@@ -170,17 +170,21 @@ class RegionPool:
         """A lease of ``region`` (taken from this pool): the region comes back when the lease is gone."""
         return region.lease(self.give)
 
+    def lease_view(self, region: Region, nbytes: int) -> memoryview:
+        """The first ``nbytes`` of ``region`` (taken from this pool) as one view on a lease of it."""
+        return memoryview(self.lease(region)).cast("B")[:nbytes]
+
     def view(self, nbytes: int) -> memoryview | None:
         """``nbytes`` at the start of a leased region, as one view; None when the pool has no room."""
         region = self.take(nbytes)
-        return None if region is None else memoryview(self.lease(region)).cast("B")[:nbytes]
+        return None if region is None else self.lease_view(region, nbytes)
 
     def copy_in(self, view: memoryview) -> tuple[Region, memoryview] | None:
         """A copy of ``view`` at the start of a leased region, and that region; None as for :meth:`take`."""
         region = self.take(view.nbytes)
         if region is None:
             return None
-        copy = memoryview(self.lease(region)).cast("B")[:view.nbytes]
+        copy = self.lease_view(region, view.nbytes)
         copy[:] = view
         return region, copy
 

@@ -191,7 +191,7 @@ class TritonModelClient:
         if threshold <= 0 or nbytes < threshold or self._region_pool().closed:
             return None
         region = await self._take(nbytes)
-        return memoryview(self._region_pool().lease(region)).cast("B")[:nbytes]
+        return self._region_pool().lease_view(region, nbytes)
 
     def stats(self) -> dict[str, Any]:
         """What moved through shared memory, and what the pool and the peers' registrations hold now."""

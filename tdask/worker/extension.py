@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from distributed.comm import CommClosedError, get_address_host, listen
@@ -131,9 +131,9 @@ class WorkerExtension:
                 best, best_load = rid, load
         return best
 
-    async def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def call(self, msg: dict[str, Any]) -> Awaitable[dict[str, Any]]:
         """A request from an operator in this same process: no comm, no (de)serialization."""
-        return await self._answer(msg, serialize=False)
+        return self._answer(msg, serialize=False)
 
     def fetch(self, keys: list[str]) -> dict[str, Any]:
         return self.store.get_many(keys)
@@ -236,7 +236,7 @@ class WorkerExtension:
             return {"port": None}
         if self._listener is None:
             host, port = get_address_host(self.address), int(config.get("transfer.request-stream-port"))
-            listener = listen(tcp.address(host, port), self.worker.handle_comm, deserialize=True,
+            listener = listen(tcp.address_of(host, port), self.worker.handle_comm, deserialize=True,
                               landing=self.triton.landing)
             try:
                 await listener.start()
