@@ -10,29 +10,59 @@ ROOT=$PWD
 VENV=${TDASK_VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 
+# The Python tdask runs on: $TDASK_PYTHON, else the first of python3, python3.13 ... python3.10 that is 3.10-3.13
+find_python() {
+    local candidate path
+    for candidate in ${TDASK_PYTHON:-python3 python3.13 python3.12 python3.11 python3.10}; do
+        path=$(command -v "$candidate" 2>/dev/null) || continue
+        if "$path" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 13))' 2>/dev/null; then
+            echo "$path"
+            return 0
+        fi
+    done
+    echo "tdask needs Python 3.10 to 3.13, and none was found (python3 here: $(python3 --version 2>&1 || echo none))." >&2
+    echo "Install one (Debian/Ubuntu: apt install python3.12 python3.12-venv) or set TDASK_PYTHON=/path/to/python3.X." >&2
+    return 1
+}
+
+# $1: the extras to install ("" for tdask alone); default for tests: test, plus UCX where it installs (Python 3.11+)
 setup() {
-    local extra=$1
+    local extras=$1
     if [ ! -x "$PY" ]; then
         local base
-        base=$(command -v python3.11 || command -v python3)
-        "$base" -c 'import sys; assert sys.version_info[:2] == (3, 11), "tdask needs Python 3.11"'
-        "$base" -m venv "$VENV"
+        base=$(find_python) || exit 1
+        "$base" -m venv "$VENV" || {
+            echo "$base cannot make a virtual environment: install its venv module (Debian/Ubuntu: apt install" \
+                 "python3.X-venv for your 3.X)" >&2
+            exit 1
+        }
     fi
-    local stamp="$VENV/.tdask-installed-$extra"
+    local stamp="$VENV/.tdask-installed-${extras:-base}"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        echo "Installing tdask and its dependencies into $VENV (log: $VENV/pip.log) ..."
-        { "$PY" -m pip install --upgrade pip && "$PY" -m pip install -e ".[$extra]"; } >"$VENV/pip.log" 2>&1 \
+        echo "Installing tdask${extras:+[$extras]} into $VENV with $("$PY" --version) (log: $VENV/pip.log) ..."
+        { "$PY" -m pip install --upgrade pip && "$PY" -m pip install -e ".${extras:+[$extras]}"; } >"$VENV/pip.log" 2>&1 \
             || { tail -50 "$VENV/pip.log"; exit 1; }
         touch "$stamp"
     fi
-    # Triton's Python stub takes its site-packages from the first python3 on PATH
-    export PATH="$VENV/bin:$PATH"
+    export PATH="$VENV/bin:$PATH"  # dask scheduler / dask worker of this environment
+    # Triton's server and its stubs' NumPy 1.x live in an environment of their own, made once (a progress line says so)
+    tdask-triton-env >/dev/null
+}
+
+test_extras() {
+    local py=$PY
+    [ -x "$py" ] || py=$(find_python) || exit 1
+    if "$py" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))'; then
+        echo "${TDASK_EXTRAS-test,ucx-cu12}"
+    else
+        echo "${TDASK_EXTRAS-test}"  # distributed-ucxx's current releases need Python 3.11+
+    fi
 }
 
 case "${1:-}" in
 hello)
     shift
-    setup test
+    setup "${TDASK_EXTRAS-}"
     log=$(mktemp -d)/deploy.log
     export DASK_TDASK__ADDRESS_FILE="$(dirname "$log")/embedded-cluster.json"
     python -m deploy --log-dir "$ROOT/logs" --clear-logs >"$log" 2>&1 &
@@ -58,12 +88,12 @@ hello)
     ;;
 test)
     shift
-    setup test
+    setup "$(test_extras)"
     exec python -m pytest "$@"
     ;;
 bench)
     shift
-    setup test
+    setup "$(test_extras)"
     exec python -m benchmarks "$@"
     ;;
 *)

@@ -29,6 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from tdask import compat
+from tdask.compat import TimeoutErrors
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MODELS = ROOT / "operators" / "triton_core_models"
@@ -85,11 +88,11 @@ async def cut_off(sock: socket.socket, timeout: float) -> bool:
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     try:
-        async with asyncio.timeout(timeout):
+        async with compat.timeout(timeout):
             while await loop.sock_recv(sock, 65536):
                 pass
         return True
-    except TimeoutError:
+    except TimeoutErrors:
         return False
     except OSError:
         return True

@@ -194,7 +194,7 @@ def session(loop: LoopThread, client: Any, hello_world: Any) -> Iterator[Any]:
 
 
 def python_env(**extra: str) -> dict[str, str]:
-    """The environment for subprocesses: this venv's bin first on PATH (Triton's stub needs it)."""
+    """The environment for subprocesses: this venv's bin first on PATH (its dask and tdask commands)."""
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"

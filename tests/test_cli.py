@@ -29,10 +29,11 @@ def free_port() -> int:
 class Proc:
     """A subprocess whose output goes to a file we can wait on."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str], new_group: bool = True) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str], new_group: bool = True,
+                 cwd: Path = ROOT) -> None:
         self.log = log
         self.file = open(log, "w")
-        self.p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.file, stderr=subprocess.STDOUT,
+        self.p = subprocess.Popen(args, cwd=cwd, env=env, stdout=self.file, stderr=subprocess.STDOUT,
                                   start_new_session=new_group)
 
     def text(self) -> str:

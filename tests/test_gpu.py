@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,8 +28,11 @@ os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 def count_serializers():
     """Installed on a worker: counts which serializer decoded each frame header it received."""
     import collections
+    import importlib
 
-    import distributed.protocol.serialize as ser
+    # the module: "import distributed.protocol.serialize as ser" gives the function that distributed.protocol
+    # exports under the same name
+    ser = importlib.import_module("distributed.protocol.serialize")
 
     counts = collections.Counter()
     original = ser.deserialize
@@ -42,7 +46,9 @@ def count_serializers():
 
 
 def read_counts():
-    import distributed.protocol.serialize as ser
+    import importlib
+
+    ser = importlib.import_module("distributed.protocol.serialize")
 
     return dict(ser._tdask_counts)
 
@@ -87,7 +93,12 @@ def test_cupy_tensor_moves_device_to_device_between_gpu_operators_over_ucx():
 
 
 def test_cupy_input_to_gpu_encoder_comes_out_of_gpu_decoder_on_the_device():
-    pytest.importorskip("pytriton", reason="nvidia-pytriton (Triton) is not installed")
+    from tdask.triton import environment
+
+    made = environment.ensure()
+    if subprocess.run([str(made.path / "bin" / "python"), "-c", "import cupy"], capture_output=True).returncode:
+        pytest.skip("Triton's environment has no CuPy for the GPU model instances: set "
+                    "tdask.triton.environment-packages to ['cupy-cuda12x<14'] (or the CUDA 13 build)")
     from distributed import Client
 
     import tdask

@@ -12,7 +12,7 @@ PACKAGE = Path(tdask.__file__).resolve().parent
 
 # bottom to top; a module may import from its own layer's package or from a lower layer
 LAYERS = [
-    {"tdask.config", "tdask.errors"},
+    {"tdask.config", "tdask.errors", "tdask.compat"},
     {"tdask.operator", "tdask.tensors", "tdask.registry"},
     {"tdask.shm"},
     {"tdask.comm", "tdask.triton"},

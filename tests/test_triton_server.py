@@ -23,9 +23,10 @@ import pytest
 from conftest import settled_count
 
 from tdask.errors import InvalidRequestError, TritonError, TritonServerError
+from tdask.triton import environment
 from tdask.triton.client import TritonModelClient
 from tdask.triton.model_config import merge_model_config, read_model_config
-from tdask.triton.server import TritonServer, pytriton_server_root, success_count
+from tdask.triton.server import TritonServer, success_count
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -202,7 +203,7 @@ def test_concurrent_requests_sharing_an_id_get_their_own_answers(env: Env) -> No
 
 def stand_in_server(root: Path, script: str) -> Path:
     """A ``bin/tritonserver`` shell script beside the real backends, where TritonServer looks for them."""
-    real_root = pytriton_server_root()
+    real_root = environment.ensure().server_root
     for part in ("backends", "python_backend_stubs"):
         (root / part).symlink_to(real_root / part)
     (root / "bin").mkdir()

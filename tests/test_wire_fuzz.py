@@ -16,6 +16,7 @@ import pytest
 from conftest import SUPPORT
 
 from benchmarks.chaos import cut_off, sent
+from tdask.compat import TimeoutErrors
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -62,7 +63,7 @@ def test_hostile_peers_leave_the_worker_serving_with_its_resources_back_at_basel
                     echo = await session.operator("echo")
                     x = np.arange(100_000, dtype=np.int64)
                     assert np.array_equal((await echo.infer({"input": x}))["output"], x)  # the socket is open now
-                    (worker,) = client.scheduler_info()["workers"]
+                    (worker,) = (await client.scheduler.identity(n_workers=-1))["workers"]
                     port = (await client.rpc(worker).tdask_stream_socket())["port"]
                     token = await client.get_metadata(token_key(worker))
                     before = (await client.run(_worker_state))[worker]
@@ -137,7 +138,7 @@ def test_hostile_peers_leave_the_worker_serving_with_its_resources_back_at_basel
                                                                "parameters": {}, "keep": False,
                                                                "output_device": None}), 10)
                             n_sent += 1
-                    except (OSError, TimeoutError):
+                    except (OSError, *TimeoutErrors):
                         cut = True
                     if not cut:  # it took all 5000: does it end the stream once its answers pile up?
                         sock = comm.socket.dup()

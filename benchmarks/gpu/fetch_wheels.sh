@@ -9,7 +9,9 @@ pip_download() {
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any -d .whl "$@"
 }
-pip_download dask==2026.1.1 distributed==2026.1.1 'distributed-ucxx-cu13==0.48.*' 'ucxx-cu13==0.48.*' \
-    'libucxx-cu13==0.48.*' 'libucx-cu13>=1.19,<1.21' 'librmm-cu13==26.2.*' 'rmm-cu13==26.2.*' 'rapids-dask-dependency==26.2.*' rapids-logger partd locket tblib zict \
+# what `pip install 'tdask[ucx-cu13]'` resolves to on Python 3.12 (distributed-ucxx 0.52 pins Dask 2026.7.1)
+pip_download dask==2026.7.1 distributed==2026.7.1 'distributed-ucxx-cu13==0.52.*' 'ucxx-cu13==0.52.*' \
+    'libucxx-cu13==0.52.*' 'libucx-cu13==1.21.*' 'librmm-cu13==26.10.*' 'rmm-cu13==26.10.*' \
+    'rapids-dask-dependency==26.10.*' rapids-logger lazy_importer cuda-core cuda-pathfinder partd locket tblib zict \
     tornado importlib_metadata
 du -sh .whl

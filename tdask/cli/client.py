@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from tdask.cli.options import non_negative_float, parameter, positive_float, positive_int
+from tdask.cli.options import check_protocol, non_negative_float, parameter, positive_float, positive_int
+from tdask.compat import TimeoutErrors
 from tdask.deploy.cluster import announced_scheduler_address
 from tdask.errors import TdaskError
 from tdask.session import RemoteOperator, Session, connect
@@ -174,9 +175,13 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 async def amain(args: argparse.Namespace) -> int:
     address = args.scheduler_address or announced_scheduler_address()
+    problem = check_protocol(address.split("://")[0]) if "://" in address else None
+    if problem:
+        print(f"Error: {problem}", file=sys.stderr)
+        return 2
     try:
         session: Session = await connect(address, timeout=args.connect_timeout)
-    except (TimeoutError, OSError) as e:
+    except (*TimeoutErrors, OSError) as e:
         print(f"Error: cannot reach the scheduler at {address} within {args.connect_timeout:g} s: {e}",
               file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import shutil
@@ -17,10 +18,11 @@ import dask.config
 from distributed import Client
 from distributed.protocol import pickle
 
-from tdask.cli.options import at_least, positive_float
+from tdask.cli.options import at_least, check_protocol, positive_float
 from tdask.cli.options import device as _device
 from tdask.cli.options import non_negative_float as _non_negative_float
 from tdask.cli.options import positive_int as _positive
+from tdask.compat import TimeoutErrors
 from tdask.deploy.cluster import (
     count_gpus,
     remove_address_file,
@@ -35,8 +37,15 @@ from tdask.operator import OperatorConfig
 
 logger = logging.getLogger("deploy")
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-DEFAULT_OPERATOR_REPOSITORY = ROOT / "operators"
+
+
+def hello_world_repository() -> Path:
+    """The hello world's operators, shipped in the package as ``tdask.hello_world`` (the repository's
+    ``operators/`` folder): found from any folder, installed or not."""
+    spec = importlib.util.find_spec("tdask.hello_world")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("tdask is installed without its hello-world operators (tdask.hello_world): reinstall it")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,12 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder sleep per input element, seconds")
     g.add_argument("--encoder-input-copies", type=_positive, default=1, help="encoder's input_copies")
     r = p.add_argument_group("repositories")
-    r.add_argument("--operator-repository", default=str(DEFAULT_OPERATOR_REPOSITORY),
-                   help="folder of Python operators (module:Class)")
+    r.add_argument("--operator-repository", default=None,
+                   help="folder of Python operators (module:Class) (default: the hello world's, shipped with tdask)")
     r.add_argument("--triton-model-repository", default=None,
                    help="Triton model repository (default: <operator-repository>/triton_core_models)")
     r.add_argument("--triton-server-path", default=None,
-                   help="tritonserver binary (default: the one shipped in nvidia-pytriton)")
+                   help="your Triton installation's tritonserver, used as it is (default: tdask's own Triton, in "
+                   "the environment it makes once: see tdask-triton-env)")
     c = p.add_argument_group("cluster")
     c.add_argument("--scheduler-address", default=None,
                    help="a running scheduler (dask scheduler); without it an embedded cluster is started")
@@ -104,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def operator_configs(args: argparse.Namespace) -> list[OperatorConfig]:
     """Turn the CLI's settings into the three operators of the hello-world pipeline."""
-    operator_repo = os.path.abspath(args.operator_repository)
+    operator_repo = os.path.abspath(args.operator_repository or hello_world_repository())
     model_repo = os.path.abspath(args.triton_model_repository or os.path.join(operator_repo, "triton_core_models"))
 
     def triton_op(prefix: str, positional: Sequence[str] | None, parameters: dict[str, Any]) -> OperatorConfig:
@@ -168,7 +178,7 @@ async def detached(args: argparse.Namespace) -> int:
     address = args.scheduler_address
     try:
         client = await Client(address, asynchronous=True, timeout=args.connect_timeout)
-    except (OSError, TimeoutError) as e:
+    except (OSError, *TimeoutErrors) as e:
         print(f"Error: cannot reach the scheduler at {address} within {args.connect_timeout:g} s: {e}",
               file=sys.stderr, flush=True)
         return 1
@@ -244,7 +254,7 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         try:
             client = await Client(address, asynchronous=True, direct_to_workers=True, timeout=args.connect_timeout)
-        except (OSError, TimeoutError) as e:
+        except (OSError, *TimeoutErrors) as e:
             print(f"Error: cannot reach the scheduler at {address} within {args.connect_timeout:g} s: {e}",
                   file=sys.stderr, flush=True)
             return 1
@@ -288,7 +298,7 @@ async def serve(args: argparse.Namespace) -> int:
             lost.cancel()
             try:
                 await asyncio.wait_for(client.close(), args.connect_timeout)
-            except (OSError, TimeoutError):
+            except (OSError, *TimeoutErrors):
                 pass
     finally:
         if cluster is not None:
@@ -312,21 +322,6 @@ async def scheduler_lost(client: Client, grace: float) -> None:
                 return
         else:
             since = None
-
-
-def check_protocol(protocol: str) -> str | None:
-    """A clear word instead of a failed cluster start: what the protocol needs and how to give it."""
-    if protocol == "tls" and not dask.config.get("distributed.comm.tls.ca-file", None):
-        return ("--protocol tls needs certificates: set distributed.comm.tls.ca-file and "
-                "distributed.comm.tls.{scheduler,worker,client}.{cert,key} in Dask's config, e.g. "
-                "DASK_DISTRIBUTED__COMM__TLS__CA_FILE=ca.pem DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__CERT=node.pem ... "
-                "(see the README)")
-    if protocol == "ucx":
-        try:
-            import distributed_ucxx  # noqa: F401
-        except ImportError:
-            return "--protocol ucx needs distributed-ucxx (pip install 'distributed-ucxx-cu12==0.48.*')"
-    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

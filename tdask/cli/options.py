@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+import dask.config
+
 
 def at_least(cast: type, minimum: float, what: str, strictly: bool = False) -> Callable[[str], Any]:
     """An argparse type: ``cast(value) >= minimum`` (``>`` when ``strictly``), else an error naming ``what``."""
@@ -46,3 +48,19 @@ def device(value: str) -> str:
     if v not in ("CPU", "GPU"):
         raise argparse.ArgumentTypeError(f"device must be CPU or GPU, got {value!r}")
     return v
+
+
+def check_protocol(protocol: str) -> str | None:
+    """A clear word instead of a failed cluster start: what the protocol needs and how to give it."""
+    if protocol == "tls" and not dask.config.get("distributed.comm.tls.ca-file", None):
+        return ("--protocol tls needs certificates: set distributed.comm.tls.ca-file and "
+                "distributed.comm.tls.{scheduler,worker,client}.{cert,key} in Dask's config, e.g. "
+                "DASK_DISTRIBUTED__COMM__TLS__CA_FILE=ca.pem DASK_DISTRIBUTED__COMM__TLS__SCHEDULER__CERT=node.pem ... "
+                "(see the README)")
+    if protocol == "ucx":
+        try:
+            import distributed_ucxx  # noqa: F401
+        except ImportError:
+            return ("--protocol ucx needs tdask's UCX extra, which is not installed: pip install 'tdask[ucx-cu12]' "
+                    "(CUDA 12) or 'tdask[ucx-cu13]' (CUDA 13)")
+    return None

@@ -16,6 +16,7 @@ from distributed.core import clean_exception
 from tdask import config
 from tdask.comm import protocol, tcp
 from tdask.comm.writer import CoalescingWriter
+from tdask.compat import TimeoutErrors
 from tdask.errors import ProtocolError, ReplicaUnavailableError
 from tdask.shm.lending import Landing
 
@@ -67,7 +68,7 @@ async def accept_stream(comm: Any, timeout: float, token: str) -> None:
     except ProtocolError as e:
         try:  # say why before the stream ends (best effort)
             await asyncio.wait_for(comm.write(protocol.hello(b"", error=str(e))), timeout)
-        except (CommClosedError, OSError):
+        except (CommClosedError, OSError, *TimeoutErrors):
             pass
         raise
     await comm.write(protocol.hello(comm.identity() if socket_comm else b""))
@@ -119,7 +120,7 @@ class WorkerStream:
                                               retryable=True)
             try:
                 comm = await self._open()
-            except (OSError, CommClosedError) as e:  # TimeoutError is an OSError; nothing was sent
+            except (OSError, CommClosedError, *TimeoutErrors) as e:  # nothing was sent
                 self._failed = (time.monotonic() + config.seconds("routing.refresh-interval"), e)
                 raise ReplicaUnavailableError(f"cannot connect to worker {self.address}: {e}", retryable=True) from e
             self._failed = None

@@ -47,8 +47,9 @@ from distributed.protocol import dumps, loads
 from distributed.protocol.utils import host_array
 from distributed.utils import ensure_memoryview
 
-from tdask import config
+from tdask import compat, config
 from tdask.comm import protocol
+from tdask.compat import TimeoutErrors
 from tdask.errors import ConfigError
 from tdask.shm import lending
 from tdask.shm.lending import IN_PLACE, Landing
@@ -193,9 +194,9 @@ class SocketComm(DaskComm):
         ``tdask.transfer.connect-timeout``)."""
         if not self._closed:
             try:
-                async with asyncio.timeout(config.seconds("transfer.connect-timeout")), self._writing:
+                async with compat.timeout(config.seconds("transfer.connect-timeout")), self._writing:
                     await self._send_tail()
-            except (CommClosedError, TimeoutError):
+            except (CommClosedError, *TimeoutErrors):
                 pass
         self.abort()
 
@@ -725,7 +726,7 @@ class SocketListener(BaseListener):
         timeout = config.seconds("transfer.connect-timeout")
         try:
             await asyncio.wait_for(self.on_connection(comm), timeout)
-        except (CommClosedError, OSError, TimeoutError) as e:
+        except (CommClosedError, OSError, *TimeoutErrors) as e:
             logger.debug("request stream from %s ended in its handshake: %r", comm.peer_address, e)
             comm.abort()
             return

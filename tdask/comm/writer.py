@@ -100,7 +100,7 @@ class CoalescingWriter:
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
-            except (TimeoutError, Exception):
+            except Exception:
                 pass
 
     def abort(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 from collections import defaultdict
@@ -12,8 +11,9 @@ from typing import Any
 import numpy as np
 from distributed.comm import CommClosedError
 
-from tdask import config
+from tdask import compat, config
 from tdask.comm import protocol
+from tdask.compat import TimeoutErrors
 from tdask.errors import (
     InvalidRequestError,
     OperatorNotFoundError,
@@ -65,9 +65,9 @@ class RemoteOperator:
         """Refresh within the request's deadline. Where the scheduler cannot be reached, the replicas known
         are used (requests go to workers directly); with none known, that is the request's error."""
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            async with compat.timeout(max(0.0, deadline - time.monotonic())):
                 await self.refresh()
-        except TimeoutError:
+        except TimeoutErrors:
             raise RequestTimeoutError(f"request {request_id} to operator {self.name!r}: no answer from the scheduler "
                                       f"about its replicas within {timeout:g} s") from None
         except (OSError, CommClosedError) as e:  # TimeoutError is caught above
@@ -156,9 +156,9 @@ class RemoteOperator:
             else:
                 call = self._sent(worker, msg)
             try:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):  # no extra task
+                async with compat.timeout(max(0.0, deadline - time.monotonic())):  # no extra task
                     reply = await call
-            except TimeoutError:
+            except TimeoutErrors:
                 raise RequestTimeoutError(
                     f"request {request_id} to operator {self.name!r} (replica {replica} on {worker}) "
                     f"had no answer within {timeout:g} s"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib.util
 import json
 import logging
 import os
@@ -24,22 +23,16 @@ from typing import Any
 import psutil
 
 from tdask import config
-from tdask.errors import TritonServerError
+from tdask.compat import TimeoutErrors
+from tdask.errors import ConfigError, TritonServerError
 from tdask.shm.names import SHM_DIR, STUB_PREFIX, owner_gone, pid_alive, sweep_orphaned_regions
+from tdask.triton import environment
+from tdask.triton.environment import TritonEnvironment
+from tdask.triton.model_config import read_model_config
 
 logger = logging.getLogger(__name__)
 
-
-
-def pytriton_server_root() -> Path:
-    """The Triton install shipped inside the ``nvidia-pytriton`` wheel."""
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise TritonServerError(
-            "no tritonserver binary: the 'nvidia-pytriton' package is not installed "
-            "(pip install nvidia-pytriton==0.7.0) and no server_path was given"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+EXECUTION_ENV = "EXECUTION_ENV_PATH"  # the Python backend's model parameter: the environment its stub runs in
 
 
 def _free_ports(count: int, host: str) -> list[int]:
@@ -95,7 +88,7 @@ async def _http_status(host: str, port: int, path: str, timeout: float = 1.0) ->
     """HTTP status of a GET, or None when nothing answers (plain asyncio: no extra deps)."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (TimeoutError, OSError):
+    except (*TimeoutErrors, OSError):
         return None
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
@@ -103,7 +96,7 @@ async def _http_status(host: str, port: int, path: str, timeout: float = 1.0) ->
         line = await asyncio.wait_for(reader.readline(), timeout)
         parts = line.split()
         return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
-    except (TimeoutError, OSError, ValueError):
+    except (*TimeoutErrors, OSError, ValueError):
         return None
     finally:
         writer.close()
@@ -153,8 +146,10 @@ def sweep_orphans() -> None:
 class TritonServer:
     """One ``tritonserver`` process in explicit model-control mode, on private free ports.
 
-    It and its Python stubs inherit this process's environment, with ``environ`` over it (a tdask worker's
-    servers get the worker's allocator settings that way; the benchmark gives its direct server the same).
+    Without ``server_path`` it is tdask's own Triton, from :mod:`tdask.triton.environment`, and every model's stub
+    runs in that environment (a model whose config names an ``EXECUTION_ENV_PATH`` of its own keeps it). With
+    ``server_path`` it is the user's Triton, used as it is. It and its stubs inherit this process's environment
+    variables, with ``environ`` over them (a tdask worker's servers get the worker's allocator settings that way).
     """
 
     def __init__(
@@ -169,15 +164,10 @@ class TritonServer:
         environ: dict[str, str] | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
-        if server_path is None:
-            binary = pytriton_server_root() / "bin" / "tritonserver"
-        else:
-            binary = Path(server_path)
-        if not binary.is_file() or not os.access(binary, os.X_OK):
-            raise TritonServerError(f"tritonserver binary not found or not executable: {binary}")
-        self.server_path = binary
-        self._server_root = binary.resolve().parent.parent
-        self._extra_lib_dirs: list[Path] = []
+        self.server_path: Path | None = None
+        if server_path is not None:
+            self._use_binary(Path(server_path))
+        self.environment: TritonEnvironment | None = None  # tdask's own Triton: known once started
         self._requested_log_file = Path(log_file) if log_file else None
         self.log_verbose = int(log_verbose)
         self.startup_timeout = float(startup_timeout)
@@ -234,10 +224,20 @@ class TritonServer:
         return self._process is not None and self._process.returncode is None
 
     # ------------------------------------------------------------------ lifecycle
+    def _use_binary(self, binary: Path) -> None:
+        if not binary.is_file() or not os.access(binary, os.X_OK):
+            raise TritonServerError(f"tritonserver binary not found or not executable: {binary}")
+        self.server_path = binary
+        self._server_root = binary.resolve().parent.parent
+
     def _make_backend_dir(self, tmpdir: Path) -> Path:
-        """A backend directory holding the Python backend plus the stub for *this* Python."""
+        """A backend directory holding the Python backend plus the stub for the stubs' Python (tdask's
+        environment's, else this process's)."""
         source = self._server_root / "backends" / "python"
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        if self.environment is not None:
+            version = self.environment.python_version
+        else:
+            version = f"{sys.version_info.major}.{sys.version_info.minor}"
         stub = self._server_root / "python_backend_stubs" / version / "triton_python_backend_stub"
         if not (source / "libtriton_python.so").is_file():
             raise TritonServerError(f"Triton Python backend not found: {source}/libtriton_python.so")
@@ -253,11 +253,6 @@ class TritonServer:
         for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
             (target / name).symlink_to(source / name)
         shutil.copy2(stub, target / "triton_python_backend_stub")
-        # The copied stub loses its RPATH ($ORIGIN/../../../../nvidia_pytriton.libs): point the
-        # loader at the wheel's bundled libraries (libcudart...) as pytriton itself does.
-        libs = (stub.parent / "../../../../nvidia_pytriton.libs").resolve()
-        if libs.is_dir():
-            self._extra_lib_dirs = [libs]
         return backends
 
     async def start(self) -> None:
@@ -267,6 +262,9 @@ class TritonServer:
         if not self.model_repository.is_dir():
             raise TritonServerError(f"model repository not found: {self.model_repository}")
         await asyncio.to_thread(sweep_orphans)  # walks the process table: not on the event loop
+        if self.server_path is None:
+            self.environment = await asyncio.to_thread(environment.ensure)  # pip, the first time: not on the loop
+            self._use_binary(self.environment.tritonserver)
         self._tmpdir = Path(tempfile.mkdtemp(prefix=f"{_TMPDIR_PREFIX}{os.getpid()}-"))
         try:
             await self._spawn()
@@ -298,15 +296,9 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
-        env = {**os.environ, **self.environ}
-        # The Python stub takes its site-packages from the first python3 on PATH (it ignores
-        # PYTHONPATH): put this interpreter's bin directory first, always.
-        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-        if self._extra_lib_dirs:
-            paths = [str(p) for p in self._extra_lib_dirs]
-            if env.get("LD_LIBRARY_PATH"):
-                paths.append(env["LD_LIBRARY_PATH"])
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(paths)
+        env = self._process_environ()
+        if self.environment is not None:
+            await self._check_stub(backend_dir / "python" / "triton_python_backend_stub", env)
         logger.info("starting tritonserver: %s", " ".join(args))
         log_fd = os.open(self._log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -323,6 +315,44 @@ class TritonServer:
             )
         finally:
             os.close(log_fd)
+
+    def _process_environ(self) -> dict[str, str]:
+        env = {**os.environ, **self.environ}
+        if self.environment is not None:
+            # the copied stub lost its RPATH to the wheel's bundled libraries; the environment's lib/ holds the
+            # libpython it links (the launcher puts it first again for each model's stub)
+            paths = [str(p) for p in self.environment.library_dirs]
+        else:
+            # a user's Triton: its stubs take their site-packages from the first python3 on PATH (they ignore
+            # PYTHONPATH), so this interpreter's come first, with its libpython
+            env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+            bundled = self._server_root.parent.parent / "nvidia_pytriton.libs"  # in a pytriton wheel's layout
+            paths = [str(bundled)] if bundled.is_dir() else []
+        if env.get("LD_LIBRARY_PATH"):
+            paths.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(paths)
+        return env
+
+    async def _check_stub(self, stub: Path, env: dict[str, str]) -> None:
+        """Start the stub the way the Python backend will, before the server: one that cannot load (a missing
+        library, a broken environment) is an error now, naming the cause, not a model load that never ends."""
+        assert self.environment is not None
+        activate = self.environment.path / "bin" / "activate"
+        script = f'source "{activate}" && exec "{stub}"'
+        process = await asyncio.create_subprocess_exec(
+            "bash", "-c", script, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env=env)
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), config.seconds("triton.startup-timeout"))
+        except TimeoutErrors:
+            process.kill()
+            await process.wait()
+            raise TritonServerError(f"Triton's Python stub {stub} did not start") from None
+        text = output.decode(errors="replace")
+        if "Expected 9 arguments" not in text:  # what a stub that loaded says when given no arguments
+            raise TritonServerError(
+                f"Triton's Python stub cannot start in {self.environment.path} (exit code {process.returncode}):\n"
+                f"{text.strip()[-2000:]}")
 
     async def _wait_ready(self) -> None:
         assert self._process is not None
@@ -373,7 +403,7 @@ class TritonServer:
                 await asyncio.wait_for(process.wait(), timeout)
             except ProcessLookupError:
                 pass
-            except TimeoutError:
+            except TimeoutErrors:
                 logger.warning("tritonserver pid %s ignored SIGTERM for %g s; killing", process.pid, timeout)
                 try:
                     process.kill()
@@ -437,6 +467,8 @@ class TritonServer:
         """
         from tritonclient.utils import InferenceServerException
 
+        if self.environment is not None:
+            config = self._in_environment(name, config)
         try:
             await self._client().load_model(
                 name,
@@ -451,6 +483,18 @@ class TritonServer:
         groups = (config or {}).get("instance_group") or [{}]
         self._instances[name] = sum(int(group.get("count", 1)) for group in groups)
         logger.info("loaded model %s on tritonserver pid %s", name, self.pid)
+
+    def _in_environment(self, name: str, config: dict | None) -> dict | None:
+        """``config`` (the repository's when None) with its stub in tdask's environment, unless it names its own."""
+        if config is None:
+            try:
+                config = read_model_config(self.model_repository, name)
+            except ConfigError:
+                return None  # no such model: Triton says so
+        parameters = config.get("parameters") or {}
+        if EXECUTION_ENV in parameters:
+            return config
+        return {**config, "parameters": {**parameters, EXECUTION_ENV: {"string_value": str(self.environment.path)}}}
 
     async def unload_model(self, name: str) -> None:
         from tritonclient.utils import InferenceServerException

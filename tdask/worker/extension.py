@@ -25,6 +25,7 @@ from tdask import config
 from tdask.comm import protocol, tcp
 from tdask.comm.stream import accept_stream, read_messages
 from tdask.comm.writer import CoalescingWriter
+from tdask.compat import TimeoutErrors
 from tdask.errors import InvalidRequestError, ProtocolError, ReplicaUnavailableError, TdaskError, to_wire
 from tdask.registry import token_key
 from tdask.session import Session
@@ -156,7 +157,7 @@ class WorkerExtension:
     async def handle_stream(self, comm: Any, **kwargs: Any) -> Status:
         try:
             await accept_stream(comm, config.seconds("transfer.connect-timeout"), self.token)
-        except (ProtocolError, CommClosedError, OSError) as e:  # TimeoutError is an OSError
+        except (ProtocolError, CommClosedError, OSError, *TimeoutErrors) as e:
             logger.warning("request stream from %s refused: %s", comm.peer_address, e)
             comm.abort()
             return Status.dont_reply

@@ -13,6 +13,7 @@ from distributed.comm import CommClosedError
 
 from tdask import config as tdask_config
 from tdask.comm import protocol
+from tdask.compat import TimeoutErrors
 from tdask.errors import (
     ConfigError,
     OperatorError,
@@ -125,7 +126,7 @@ class Replica:
         if self._idle is not None:
             try:
                 await asyncio.wait_for(self._idle.wait(), drain_timeout)
-            except TimeoutError:
+            except TimeoutErrors:
                 logger.warning("replica %s: %d requests still running and %d slots lent after drain",
                                self.replica_id, self.stats.inflight + self.stats.queued, self.stats.leased)
         self.extension.remove_replica(self.replica_id)
