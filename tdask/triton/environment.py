@@ -76,6 +76,10 @@ def _interpreter() -> str:
     configured = config.get("triton.python")
     if configured:
         return str(configured)
+    if sys.prefix != sys.base_prefix:  # a virtual environment (whose _base_executable is itself on 3.10)
+        base = os.path.join(sys.base_prefix, "bin", f"python{sys.version_info[0]}.{sys.version_info[1]}")
+        if os.access(base, os.X_OK):
+            return base
     return getattr(sys, "_base_executable", None) or sys.executable
 
 
