@@ -18,7 +18,8 @@ class EncoderDecoder(Operator):
                 {"input": request.input("input")}, request.parameters,
                 request_id=request.request_id, keep="auto",
             )
-            input_copies = int((await encoded)["input_copies"][0])
+            # one element: shape [1] from tdask's encoder, [] (0-d) from the original example's
+            input_copies = int((await encoded)["input_copies"].item())
             decoded = await self.decoder.infer(
                 {"input": encoded.output("output")}, {"input_copies": input_copies},
                 request_id=request.request_id,

@@ -118,7 +118,7 @@ def test_deploy_defaults_are_the_original_examples():
     for c in configs.values():
         assert (c.replicas, c.max_inflight, c.instances, c.device) == (1, 1, 1, "CPU")
     assert configs["encoder"].parameters == {"delay": 0.0, "input_copies": 1}
-    assert configs["decoder"].parameters == {"delay": 0.0}
+    assert configs["decoder"].parameters == {"delay": 0.0, "input_copies": 1}  # both models, as the original
 
 
 def test_deploy_positional_and_named_options():

@@ -1,4 +1,5 @@
-"""``python -m deploy``: place the hello-world operators on a Dask cluster and serve until Ctrl-C."""
+"""``python -m deploy``: place operators (the hello world's, a model repository's, a deployment file's) on a Dask
+cluster and serve until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tdask.cli.options import device as _device
 from tdask.cli.options import non_negative_float as _non_negative_float
 from tdask.cli.options import positive_int as _positive
 from tdask.compat import TimeoutErrors
+from tdask.deploy import spec
 from tdask.deploy.cluster import (
     count_gpus,
     remove_address_file,
@@ -51,7 +53,8 @@ def hello_world_repository() -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m deploy",
-        description="Deploy the hello-world encoder/decoder pipeline on a Dask cluster.",
+        description="Deploy operators on a Dask cluster: the hello-world encoder/decoder pipeline by default, or "
+        "a Triton model repository's models (--model-repository), or a deployment file's operators (--config).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("operators (as in the original example)")
@@ -74,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder-delay-per-token", type=_non_negative_float, default=0.0,
                    help="decoder sleep per input element, seconds")
     g.add_argument("--encoder-input-copies", type=_positive, default=1, help="encoder's input_copies")
+    o = p.add_argument_group("any operators (instead of the hello world)")
+    o.add_argument("--model-repository", default=None, metavar="DIR",
+                   help="serve every model of this Triton model repository (each <name>/config.pbtxt) as an operator "
+                   "named after its folder")
+    o.add_argument("--config", default=None, metavar="FILE",
+                   help="deploy the operators a YAML deployment file lists (fields of tdask.OperatorConfig; "
+                   "see operators/hello_world.yaml); with --model-repository, the file's entries win")
+    o.add_argument("--set", action="append", default=[], metavar="NAME.FIELD=VALUE", dest="settings",
+                   help="set one operator's field (replicas, max_inflight, instances, device, version, resources.R, "
+                   "parameters.P, ...), e.g. --set add_sub.instances=2; repeatable")
     r = p.add_argument_group("repositories")
     r.add_argument("--operator-repository", default=None,
                    help="folder of Python operators (module:Class) (default: the hello world's, shipped with tdask)")
@@ -113,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def operator_configs(args: argparse.Namespace) -> list[OperatorConfig]:
+    """What deploy places: a repository's models and a file's operators, or else the hello world; then --set."""
+    if args.model_repository is None and args.config is None:
+        operators = hello_world_configs(args)
+    else:
+        operators = spec.repository_operators(os.path.abspath(args.model_repository)) if args.model_repository else []
+        if args.config:
+            listed = spec.load(args.config)
+            names = {op.name for op in listed}
+            operators = [op for op in operators if op.name not in names] + listed
+    return spec.with_settings(operators, args.settings)
+
+
+def hello_world_configs(args: argparse.Namespace) -> list[OperatorConfig]:
     """Turn the CLI's settings into the three operators of the hello-world pipeline."""
     operator_repo = os.path.abspath(args.operator_repository or hello_world_repository())
     model_repo = os.path.abspath(args.triton_model_repository or os.path.join(operator_repo, "triton_core_models"))
@@ -139,7 +165,10 @@ def operator_configs(args: argparse.Namespace) -> list[OperatorConfig]:
 
     encoder = triton_op("encoder", args.encoders,
                         {"delay": args.encoder_delay_per_token, "input_copies": args.encoder_input_copies})
-    decoder = triton_op("decoder", args.decoders, {"delay": args.decoder_delay_per_token})
+    # the decoder gets input_copies too, as the original deploy gave it to both models (a decoder that reads it from
+    # its config, as the original one does, then agrees with the encoder; tdask's takes it from each request)
+    decoder = triton_op("decoder", args.decoders,
+                        {"delay": args.decoder_delay_per_token, "input_copies": args.encoder_input_copies})
     replicas, max_inflight = 1, 1
     if args.encoder_decoders is not None:
         try:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from distributed import Client
 from distributed.comm import CommClosedError
 
 from tdask import config
+from tdask.deploy import spec
 from tdask.deploy.placement import plan_placement
 from tdask.errors import PlacementError, TdaskError
 from tdask.operator import OperatorConfig
@@ -57,6 +59,12 @@ class Deployment:
         self._supervisor: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self.events: list[dict[str, Any]] = []  # replicas lost and placed again, for reports and tests
+
+    @classmethod
+    def from_file(cls, client: Client, source: str | os.PathLike | Mapping[str, Any], **kwargs: Any) -> Deployment:
+        """The operators a deployment file lists (a path to its YAML, or its contents as a dict): see
+        :mod:`tdask.deploy.spec`. Repositories are relative to the file (to the current folder for a dict)."""
+        return cls(client, spec.load(source), **kwargs)
 
     @property
     def replicas(self) -> list[dict[str, Any]]:
