@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,3 +218,32 @@ def plot(path: Path, results: dict[str, Any]) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+async def run_load(call: Callable[[Any], Awaitable[None]], x: np.ndarray, concurrency: int,
+                   duration: float | None = None,
+                   requests: int | None = None) -> tuple[list[float], float, int, str | None]:
+    """``concurrency`` loops calling ``call(x)`` until ``duration`` passed or ``requests`` were sent."""
+    latencies: list[float] = []
+    errors = 0
+    first_error: str | None = None
+    sent = 0
+    start = time.perf_counter()
+    deadline = start + duration if duration is not None else float("inf")
+
+    async def loop() -> None:
+        nonlocal errors, first_error, sent
+        while time.perf_counter() < deadline and (requests is None or sent < requests):
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                await call(x)
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                errors += 1
+                if first_error is None:
+                    first_error = f"{type(e).__name__}: {e}"[:500]
+                continue
+            latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - start, errors, first_error

@@ -67,7 +67,8 @@ async def serve(spec: dict[str, Any]) -> None:
     read as JSON lines on stdin with one JSON line each on stdout."""
     import dask.config
 
-    from benchmarks.pipeline import deployed, embedded_client, run_load, tdask_configs
+    from benchmarks.common import run_load
+    from benchmarks.pipeline import deployed, embedded_client, tdask_configs
 
     dask.config.set({"distributed.worker.daemon": False, **spec["settings"]})
     async with embedded_client(spec["workers"]) as client, deployed(client, tdask_configs(2, 16, 256)) as td:

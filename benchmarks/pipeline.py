@@ -37,7 +37,19 @@ from typing import Any
 import numpy as np
 import psutil
 
-from benchmarks.common import RESULTS, CpuBusy, Measurement, environment, int_list, plot, print_table, ratio, write_json
+from benchmarks import frontdoor
+from benchmarks.common import (
+    RESULTS,
+    CpuBusy,
+    Measurement,
+    environment,
+    int_list,
+    plot,
+    print_table,
+    ratio,
+    run_load,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATORS = ROOT / "operators"
@@ -82,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Dask setting for this run's tdask processes, e.g. tdask.lanes.enabled=false to measure "
                         "without lanes (repeatable; python -m benchmarks.mechanisms measures each mechanism on and "
                         "off side by side)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: cells,scaling,memory")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: cells,frontdoor,scaling,memory")
     p.add_argument("--output", default=None, help="JSON result file (default benchmarks/results/pipeline[-smoke].json)")
     p.add_argument("--no-plot", action="store_true")
     return p
@@ -117,35 +129,6 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     args.deploy_layout = args.deploy_layout and args.workers != DEPLOY_WORKERS  # else the main one is it
     return args
-
-
-# -- load generation -------------------------------------------------------------------
-async def run_load(call: Call, x: np.ndarray, concurrency: int, duration: float | None = None,
-                   requests: int | None = None) -> tuple[list[float], float, int, str | None]:
-    """``concurrency`` loops calling ``call(x)`` until ``duration`` passed or ``requests`` were sent."""
-    latencies: list[float] = []
-    errors = 0
-    first_error: str | None = None
-    sent = 0
-    start = time.perf_counter()
-    deadline = start + duration if duration is not None else float("inf")
-
-    async def loop() -> None:
-        nonlocal errors, first_error, sent
-        while time.perf_counter() < deadline and (requests is None or sent < requests):
-            sent += 1
-            t0 = time.perf_counter()
-            try:
-                await call(x)
-            except Exception as e:  # noqa: BLE001 - counted and reported
-                errors += 1
-                if first_error is None:
-                    first_error = f"{type(e).__name__}: {e}"[:500]
-                continue
-            latencies.append(time.perf_counter() - t0)
-
-    await asyncio.gather(*(loop() for _ in range(concurrency)))
-    return latencies, time.perf_counter() - start, errors, first_error
 
 
 def check(x: np.ndarray, out: np.ndarray) -> None:
@@ -431,14 +414,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "memory_requests": args.memory_requests, "memory_concurrency": args.memory_concurrency,
             "tdask_config": dask.config.get("tdask"), "set": dict(args.settings),
         },
-        "cells": [], "scaling": [], "memory": {},
+        "cells": [], "frontdoor": [], "scaling": [], "memory": {},
     }
     # the same allocator settings as tdask's Triton servers, which inherit them from their worker
     direct_server = TritonServer(MODELS, environ=worker_environ())
     try:
         await direct_server.start()
         await load_direct_models(direct_server, args.instances)
-        if "cells" not in args.skip or "memory" not in args.skip:
+        if not {"cells", "frontdoor", "memory"} <= args.skip:
             direct = Direct(direct_server.grpc_url)
             try:
                 async with hello_world(args, args.workers) as td:
@@ -447,6 +430,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             other = (await stack.enter_async_context(hello_world(args, DEPLOY_WORKERS))
                                      if args.deploy_layout else None)
                             results["cells"] = await measure_cells(args, direct, td, other)
+                    if "frontdoor" not in args.skip:
+                        results["frontdoor"] = await frontdoor.measure_frontdoor(
+                            args, direct_server, td.session.client.scheduler.address)
                     if "memory" not in args.skip:  # the deploy-layout cluster is gone: every process here is measured
                         results["memory"] = await measure_memory(args, td, direct_server.pid)
             finally:
@@ -485,6 +471,8 @@ def report(results: dict[str, Any]) -> str:
             ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("throughput_ratio", "thr / direct"),
             ("p50_overhead_ms", "p50 - direct ms"), ("requests", "requests"), ("errors", "errors")],
             "Pipelines: direct Triton gRPC vs tdask"))
+    if results.get("frontdoor"):
+        parts.append(frontdoor.report(results["frontdoor"]))
     rows = []
     for row in results["scaling"]:
         for system, s in row["systems"].items():

@@ -8,6 +8,9 @@ from tdask import Operator, Request
 class EncoderDecoder(Operator):
     """Calls the ``encoder`` and ``decoder`` operators; large tensors move encoder to decoder directly."""
 
+    inputs = ({"name": "input", "datatype": "INT64", "shape": [-1]},)
+    outputs = ({"name": "output", "datatype": "INT64", "shape": [-1]},)
+
     async def setup(self) -> None:
         self.encoder = await self.context.operator("encoder")
         self.decoder = await self.context.operator("decoder")

@@ -220,6 +220,10 @@ class Operator:
     """
 
     serves_triton_model = False  # True for TritonCoreOperator: its replicas load a model of a Triton repository
+    # what the operator takes and answers, each {"name", "datatype" (KServe's: INT64, FP32, ...), "shape" (-1: any
+    # size)}: front doors check requests against it and clients make data from it; none declared: anything goes
+    inputs: tuple[dict[str, Any], ...] = ()
+    outputs: tuple[dict[str, Any], ...] = ()
 
     def __init__(self, config: OperatorConfig, context: OperatorContext) -> None:
         self.config = config
@@ -243,3 +247,8 @@ class Operator:
     def info(self) -> dict[str, Any]:
         """Extra facts shown on the dashboard and printed at deploy time."""
         return {}
+
+    def metadata(self) -> dict[str, Any]:
+        """The operator's inputs and outputs as the KServe v2 model metadata gives them (after :meth:`setup`)."""
+        return {"platform": "tdask_python", "inputs": [dict(t) for t in self.inputs],
+                "outputs": [dict(t) for t in self.outputs]}

@@ -11,6 +11,7 @@ from typing import Any
 from tdask.errors import OperatorNotFoundError
 
 ROOT = ["tdask", "operators"]
+FRONTDOORS = ["tdask", "frontdoors"]  # each front door's addresses and counts, by its id (tdask.frontdoor)
 TOKENS = ["tdask", "tokens"]  # each worker's request-stream token, by its address (tdask.comm.protocol)
 
 

@@ -198,5 +198,8 @@ def python_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"
+    # deploy's front door on free ports: tests run beside each other's deploys (and a user's)
+    env.setdefault("DASK_TDASK__FRONTDOOR__HTTP_PORT", "0")
+    env.setdefault("DASK_TDASK__FRONTDOOR__GRPC_PORT", "0")
     env.update(extra)
     return env

@@ -31,6 +31,13 @@ def test_benchmark_smoke_run_writes_every_cell(tmp_path):
                 assert s[key] is not None and s[key] > 0
         for name in ("tdask_pipeline", "tdask_chained", "tdask_pipeline_deploy_layout"):
             assert cell["systems"][name]["throughput_ratio"] is not None
+    cells = [(r["size"], r["concurrency"], r["protocol"]) for r in results["frontdoor"]]
+    assert cells == [(1000, 1, "grpc"), (1000, 1, "http"), (100_000, 1, "grpc")]
+    for row in results["frontdoor"]:
+        systems = row["systems"]
+        assert set(systems) == {f"direct_{row['protocol']}", f"frontdoor_{row['protocol']}"}
+        assert all(s["requests"] > 0 and s["errors"] == 0 for s in systems.values()), systems
+        assert systems[f"frontdoor_{row['protocol']}"]["throughput_ratio"] is not None
     assert [row["replicas"] for row in results["scaling"]] == settings["scaling"]
     for row in results["scaling"]:
         assert set(row["systems"]) == {"direct", "tdask_pipeline"}

@@ -185,7 +185,11 @@ def _completed_by_operator(rows: list[list[str]]) -> dict[str, int]:
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium package is not installed (apt-get install chromium)")
 def test_dashboard_page_lists_operators_in_chromium(loop, cluster, session, tmp_path):
+    from tdask.frontdoor import FrontDoor
+
     shot = tmp_path / "dashboard.png"
+    door = loop.run(FrontDoor(session, http_port=0, grpc_port=0).start())
+
     async def load() -> None:
         op = await session.operator("encoder_decoder")
         x = np.arange(1000, dtype=np.int64)
@@ -194,6 +198,10 @@ def test_dashboard_page_lists_operators_in_chromium(loop, cluster, session, tmp_
             await asyncio.sleep(1.0)
 
     loop.run(load(), timeout=300)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [2], "datatype": "INT64", "data": [1, 2]}]}).encode()
+    for _ in range(3):  # front-door requests, counted on the page by protocol and status
+        urllib.request.urlopen(urllib.request.Request(f"{door.http_url}/v2/models/encoder_decoder/infer", data=body),
+                               timeout=30).read()
     base = cluster.dashboard_link.rsplit("/", 1)[0]
     status = urllib.request.urlopen(f"{base}/status", timeout=30).read().decode()
     assert "individual-tdask" in status, "the page is listed under More... on Dask's dashboard"
@@ -201,7 +209,7 @@ def test_dashboard_page_lists_operators_in_chromium(loop, cluster, session, tmp_
     def ready(text: str, rows: list[list[str]]) -> bool:
         done = _completed_by_operator(rows)
         return all(done.get(name, 0) > 0 for name in ("encoder", "decoder", "encoder_decoder")) \
-            and "Triton servers" in text and "Requests/s" in text
+            and "Triton servers" in text and "Requests/s" in text and "http 200: 3" in text
 
     async def check() -> None:
         browser, text, rows = await open_page(f"{base}/individual-tdask", ready)
@@ -218,6 +226,8 @@ def test_dashboard_page_lists_operators_in_chromium(loop, cluster, session, tmp_
             assert all(r[3].startswith("tcp://") and r[4] == "CPU" for r in replica_rows), replica_rows
             assert await browser.evaluate(CANVASES) >= 2, "the throughput and latency plots are drawn"
             assert re.search(r"metrics\s+http://[\d.]+:\d+/metrics", text), "Triton metrics URLs are listed"
+            assert f"HTTP {door.http_url}, gRPC {door.grpc_address}: requests by protocol and status: http 200: 3" \
+                in " ".join(text.split()), "the front door and its requests are listed"
             await browser.screenshot(shot)
             assert shot.stat().st_size > 10_000
             if os.environ.get("TDASK_SAVE_SCREENSHOT") == "1":  # refresh the README's picture
@@ -226,4 +236,7 @@ def test_dashboard_page_lists_operators_in_chromium(loop, cluster, session, tmp_
         finally:
             browser.close()
 
-    asyncio.run(check())
+    try:
+        asyncio.run(check())
+    finally:
+        loop.run(door.close())

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import MODELS, OPERATORS, ROOT, python_env, settled_count
+from conftest import MODELS, OPERATORS, ROOT, python_env
 from test_cli import Proc, check_client_output, run_client
 
 from tdask.cli.deploy import build_parser, operator_configs
@@ -92,57 +92,6 @@ def test_a_model_repository_becomes_one_operator_per_model_and_set_overrides_fie
 
 def _scheduler(deploy: Proc) -> str:
     return re.search(r"scheduler (tcp://\S+),", deploy.text()).group(1)
-
-
-@pytest.mark.slow
-def test_deploy_serves_a_whole_model_repository_with_one_command(tmp_path):
-    """``python -m deploy --model-repository DIR``: every model served; the two-input FP32 model answers its sum and
-    difference, and Triton counted exactly the requests sent."""
-    env = python_env(DASK_TDASK__ADDRESS_FILE=str(tmp_path / "addr.json"))
-    deploy = Proc([sys.executable, "-m", "deploy", "--model-repository", str(TEST_MODELS), "--set",
-                   "add_sub.instances=2", "--scheduler-port", "0", "--dashboard-address", ":0"],
-                  tmp_path / "deploy.log", env)
-    try:
-        deploy.wait_for("press Ctrl-C to Exit")
-        assert "Started add_sub replica" in deploy.text() and "model instances 2" in deploy.text()
-        assert "Started stub_environment replica" in deploy.text()
-
-        async def call() -> tuple[list[dict], int, int]:
-            import tdask
-
-            address = _scheduler(deploy)
-            async with await tdask.connect(address) as session:
-                add_sub = await session.operator("add_sub")
-                before = _successes(deploy, "add_sub")
-                rng = np.random.default_rng(3)
-                pairs = [(rng.random(4, dtype=np.float32), rng.random(4, dtype=np.float32)) for _ in range(5)]
-                answers = await asyncio.gather(*(add_sub.infer({"INPUT0": a, "INPUT1": b}) for a, b in pairs))
-                for (a, b), answer in zip(pairs, answers, strict=True):
-                    np.testing.assert_array_equal(answer["OUTPUT0"], a + b)
-                    np.testing.assert_array_equal(answer["OUTPUT1"], a - b)
-                return answers, before
-
-        answers, before = asyncio.run(call())
-        assert len(answers) == 5
-        assert settled_count(lambda: _successes(deploy, "add_sub"), before + 5) == before + 5
-        deploy.p.send_signal(signal.SIGTERM)
-        assert deploy.p.wait(120) == 0, deploy.text()[-3000:]
-    finally:
-        deploy.stop()
-
-
-def _successes(deploy: Proc, name: str) -> int:
-    """Triton's own count of successful inferences of ``name``: its servers' metrics, which deploy printed."""
-    import urllib.request
-
-    urls = re.findall(rf"Started {name} replica .*\(metrics (\S+)\)", deploy.text())
-    assert urls, deploy.text()[-2000:]
-    total = 0
-    for url in urls:
-        for line in urllib.request.urlopen(url, timeout=5).read().decode().splitlines():
-            if line.startswith("nv_inference_request_success{") and f'model="{name}"' in line:
-                total += int(float(line.rsplit(" ", 1)[1]))
-    return total
 
 
 @pytest.mark.slow

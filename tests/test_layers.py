@@ -18,7 +18,7 @@ LAYERS = [
     {"tdask.comm", "tdask.triton"},
     {"tdask.session"},
     {"tdask.worker"},
-    {"tdask.deploy", "tdask.observe"},
+    {"tdask.deploy", "tdask.observe", "tdask.frontdoor"},
     {"tdask.cli"},
     {"tdask", "tdask.client"},
 ]

@@ -1,4 +1,5 @@
-"""``python -m tdask.client``: send load to a deployed operator and check every answer."""
+"""``python -m tdask.client``: send load to a deployed operator (through Dask, or a front door over HTTP or gRPC)
+and check every answer it knows how to check."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from tdask import config
 from tdask.cli.options import check_protocol, non_negative_float, parameter, positive_float, positive_int
 from tdask.compat import TimeoutErrors
-from tdask.deploy.cluster import announced_scheduler_address
+from tdask.deploy.cluster import announced, announced_scheduler_address
 from tdask.errors import TdaskError
 from tdask.session import RemoteOperator, Session, connect
 
@@ -28,7 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler-address", default=None,
                    help="scheduler to use (default: the embedded deploy's announced address, else "
                         "tcp://127.0.0.1:8786)")
-    p.add_argument("--operator", default="encoder_decoder", help="operator to call (encoder_decoder, encoder, decoder)")
+    p.add_argument("--operator", default="encoder_decoder",
+                   help="operator to call: any deployed one; its inputs are made from its metadata (datatypes, "
+                        "shapes: each -1 takes the input size), answers of the hello world's are checked")
+    p.add_argument("--protocol", choices=("dask", "http", "grpc"), default="dask",
+                   help="call through a Dask client (dask) or a KServe v2 front door (http, grpc) with tritonclient")
+    p.add_argument("--url", default=None,
+                   help="the front door for --protocol http|grpc, host:port (default: the embedded deploy's "
+                        "announced one, else 127.0.0.1:tdask.frontdoor.http-port|grpc-port)")
+    p.add_argument("--inputs", default=None, metavar="FILE.npz",
+                   help="send these arrays (one per input name) in every request instead of generated data")
     p.add_argument("--operator-version", type=positive_int, default=None, help="operator version (default: latest)")
     p.add_argument("--clients", type=positive_int, default=1, help="concurrent clients")
     p.add_argument("--requests-per-client", type=positive_int, default=100, help="requests each client sends")
@@ -61,6 +72,9 @@ class ClientStats:
     wrong: int = 0
 
 
+HELLO_WORLD = ("encoder_decoder", "encoder", "decoder")
+
+
 def expected_output(operator: str, x: np.ndarray, copies: int) -> np.ndarray | None:
     """What a correct answer is, for the hello-world operators; None when unknown."""
     if operator == "encoder_decoder":
@@ -77,44 +91,143 @@ def make_input(operator: str, x: np.ndarray, copies: int) -> np.ndarray:
     return ~np.repeat(x, copies) if operator == "decoder" else x
 
 
+def generated(spec: dict[str, Any], size: int, rng: np.random.Generator) -> np.ndarray:
+    """Data of a declared input: its datatype, its shape with each -1 (any size) taking ``size``."""
+    from tdask.frontdoor.kserve import DTYPES
+
+    dtype = DTYPES.get(spec["datatype"])
+    if dtype is None:
+        raise TdaskError(f"input {spec['name']!r}: the client cannot make {spec['datatype']} data (use --inputs)")
+    shape = tuple(size if int(d) < 0 else int(d) for d in spec.get("shape", []))
+    if dtype.kind == "b":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(max(info.min, 0), min(info.max, 2**31), size=shape, dtype=dtype, endpoint=False)
+    return rng.random(shape).astype(dtype)
+
+
+class Caller:
+    """One way to call the operator: tdask's own session (dask) or a front door with tritonclient (http, grpc)."""
+
+    metadata: dict[str, Any]
+
+    async def call(self, inputs: dict[str, np.ndarray], params: dict[str, Any], request_id: str,
+                   args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+        """The answer's outputs, and who answered."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release the connection."""
+
+
+class DaskCaller(Caller):
+    def __init__(self, session: Session, op: RemoteOperator) -> None:
+        self.session, self.op = session, op
+        self.metadata = op.record.get("metadata") or {}
+
+    async def call(self, inputs, params, request_id, args):  # noqa: ANN001, ANN201 - as Caller.call
+        result = await self.op.infer(inputs, params, request_id=request_id, timeout=args.timeout,
+                                     output_device=args.output_device)
+        outputs = {k: (v.get() if hasattr(v, "__cuda_array_interface__") else v)  # checked on the host
+                   for k, v in result.outputs.items()}
+        return outputs, f"{result.replica}@{result.worker}"
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class FrontDoorCaller(Caller):
+    """Stock ``tritonclient`` (asyncio) against a KServe v2 front door."""
+
+    def __init__(self, protocol: str, url: str) -> None:
+        if protocol == "http":
+            import tritonclient.http.aio as module
+        else:
+            import tritonclient.grpc.aio as module
+        self.module = module
+        self.url = url
+        self.client = module.InferenceServerClient(url)
+        self.metadata: dict[str, Any] = {}
+
+    async def describe(self, model: str, version: int | None) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            md = await self.client.get_model_metadata(model, str(version or ""), **(
+                {"as_json": True} if self.module.__name__.endswith("grpc.aio") else {}))
+        except InferenceServerException as e:
+            raise TdaskError(f"front door {self.url}: {e.message()}") from None
+        for specs in (md.get("inputs", []), md.get("outputs", [])):
+            for spec in specs:
+                spec["shape"] = [int(d) for d in spec.get("shape", [])]
+        self.metadata = md
+
+    async def call(self, inputs, params, request_id, args):  # noqa: ANN001, ANN201 - as Caller.call
+        from tdask.frontdoor.kserve import datatype_of
+
+        tensors = []
+        for name, value in inputs.items():
+            tensor = self.module.InferInput(name, list(value.shape), datatype_of(value.dtype))
+            tensor.set_data_from_numpy(value)
+            tensors.append(tensor)
+        timeout = {"timeout": int(args.timeout * 1e6)} if args.timeout else {}  # Triton's, in microseconds
+        answer = await self.client.infer(args.operator, tensors, model_version=str(args.operator_version or ""),
+                                         request_id=request_id, parameters=params or None, **timeout)
+        response = answer.get_response()  # a dict over HTTP, a protobuf message over gRPC
+        outputs = response["outputs"] if isinstance(response, dict) else response.outputs
+        names = [o["name"] if isinstance(o, dict) else o.name for o in outputs]
+        return {n: answer.as_numpy(n) for n in names}, self.url
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
 _request_ids = itertools.count()
 
 
-async def run_client(index: int, op: RemoteOperator, args: argparse.Namespace, stats: ClientStats) -> None:
+async def run_client(index: int, caller: Caller, args: argparse.Namespace, stats: ClientStats) -> None:
     """``--concurrency`` loops (all requests at once without it), each making its request's input just before
     sending it: a request's timeout and latency count that request only, and the inputs alive at once are
     bounded by the concurrency, not by the request count."""
     rng = np.random.default_rng(args.seed + index)
     params = dict(args.parameter)
     copies = int(params.get("input_copies", 1))
+    declared = caller.metadata.get("inputs") or []
+    hello_world = args.operator in HELLO_WORLD and [s.get("name") for s in declared] in ([], ["input"])
+    fixed = dict(np.load(args.inputs)) if args.inputs else None
     bar = tqdm(total=args.requests_per_client, position=index, desc=f"Client {index}",
                disable=args.no_progress, leave=True, file=sys.stdout)
     todo = iter(range(args.requests_per_client))
 
     async def one() -> None:
         size = max(0, round(rng.normal(args.input_size_mean, args.input_size_stdev)))
-        x = rng.integers(0, 2**31, size=size, dtype=np.int64)
+        expected = None
+        if fixed is not None:
+            inputs = fixed
+        elif hello_world or not declared:  # the hello world's int64 input (any operator that declares nothing)
+            x = rng.integers(0, 2**31, size=size, dtype=np.int64)
+            inputs = {"input": make_input(args.operator, x, copies)}
+            expected = expected_output(args.operator, x, copies) if hello_world else None
+        else:
+            inputs = {spec["name"]: generated(spec, size, rng) for spec in declared}
         request_id = str(next(_request_ids))
         start = time.perf_counter()
         error: Any = None
-        replica = None
+        who = None
         try:
-            result = await op.infer({"input": make_input(args.operator, x, copies)}, params,
-                                    request_id=request_id, timeout=args.timeout, output_device=args.output_device)
-            replica = f"{result.replica}@{result.worker}"
-            expected = expected_output(args.operator, x, copies)
-            output = result["output"]
-            if hasattr(output, "__cuda_array_interface__"):  # checked on the host
-                output = output.get()
-            if expected is not None and not (output.shape == expected.shape and np.array_equal(output, expected)):
-                stats.wrong += 1
-                error = f"wrong output (shape {output.shape}, expected {expected.shape})"
-                stats.errors.append(error)
+            outputs, who = await caller.call(inputs, params, request_id, args)
+            if expected is not None:
+                output = outputs["output"]
+                if not (output.shape == expected.shape and np.array_equal(output, expected)):
+                    stats.wrong += 1
+                    error = f"wrong output (shape {output.shape}, expected {expected.shape})"
+                    stats.errors.append(error)
         except Exception as e:  # noqa: BLE001 - every request ends counted, whatever failed
             error = f"{type(e).__name__}: {e}"
             stats.errors.append(error)
         stats.latencies.append(time.perf_counter() - start)
-        bar.set_description(f"Received Response: {request_id} From: {replica} Error: {error}")
+        bar.set_description(f"Received Response: {request_id} From: {who} Error: {error}")
         bar.update(1)
 
     async def sender() -> None:
@@ -173,29 +286,49 @@ def summary_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def amain(args: argparse.Namespace) -> int:
+async def connect_caller(args: argparse.Namespace) -> Caller:
+    """The caller ``--protocol`` names, with the operator's metadata; a clear error when it cannot be reached."""
+    if args.protocol != "dask":
+        port = config.get(f"frontdoor.{args.protocol}-port")
+        url = args.url or announced(args.protocol) or f"127.0.0.1:{port}"
+        caller = FrontDoorCaller(args.protocol, url.removeprefix("http://"))
+        try:
+            await caller.describe(args.operator, args.operator_version)
+        except BaseException:
+            await caller.close()
+            raise
+        return caller
     address = args.scheduler_address or announced_scheduler_address()
     problem = check_protocol(address.split("://")[0]) if "://" in address else None
     if problem:
-        print(f"Error: {problem}", file=sys.stderr)
-        return 2
+        raise TdaskError(problem)
     try:
         session: Session = await connect(address, timeout=args.connect_timeout)
     except (*TimeoutErrors, OSError) as e:
-        print(f"Error: cannot reach the scheduler at {address} within {args.connect_timeout:g} s: {e}",
-              file=sys.stderr)
+        raise TdaskError(f"cannot reach the scheduler at {address} within {args.connect_timeout:g} s: {e}") from None
+    try:
+        return DaskCaller(session, await session.operator(args.operator, args.operator_version))
+    except BaseException:
+        await session.close()
+        raise
+
+
+async def amain(args: argparse.Namespace) -> int:
+    try:
+        caller = await connect_caller(args)
+    except TdaskError as e:
+        print(f"Error: {e}", file=sys.stderr)
         return 2
     try:
-        op = await session.operator(args.operator, args.operator_version)
         stats = [ClientStats() for _ in range(args.clients)]
         start = time.perf_counter()
-        await asyncio.gather(*(run_client(i, op, args, stats[i]) for i in range(args.clients)))
+        await asyncio.gather(*(run_client(i, caller, args, stats[i]) for i in range(args.clients)))
         total = time.perf_counter() - start
     except TdaskError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 2
     finally:
-        await session.close()
+        await caller.close()
     summary = summarize(stats, total)
     for s in stats:
         for err in s.errors[:5]:

@@ -19,6 +19,7 @@ import dask.config
 from distributed import Client
 from distributed.protocol import pickle
 
+from tdask.cli.frontdoor import add_front_door_options, start_front_door
 from tdask.cli.options import at_least, check_protocol, positive_float
 from tdask.cli.options import device as _device
 from tdask.cli.options import non_negative_float as _non_negative_float
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedded GPU workers (default: GPUs found)")
     c.add_argument("--connect-timeout", type=positive_float, default=5.0,
                    help="seconds to reach a running scheduler (--scheduler-address) before giving up")
+    add_front_door_options(p)
     d = p.add_argument_group("deployments that outlive this command (on a running scheduler)")
     d.add_argument("--detach", action="store_true",
                    help="place the operators, leave them served and supervised by the scheduler, and exit")
@@ -293,6 +295,7 @@ async def serve(args: argparse.Namespace) -> int:
                 print(f"Scheduler {address}, dashboard {client.dashboard_link}", flush=True)
             await client.register_plugin(WorkerSettings(settings, args.log_level))
             deployment = Deployment(client, configs)
+            door = None
             try:
                 start = asyncio.ensure_future(deployment.start())
                 stopped = asyncio.ensure_future(stop.wait())
@@ -304,6 +307,11 @@ async def serve(args: argparse.Namespace) -> int:
                 else:
                     for info in start.result():
                         print_replica(info)
+                    if not args.no_front_door:
+                        door = await start_front_door(client, args)
+                        if cluster is not None:  # the client's --protocol http|grpc finds it
+                            write_address_file(address, cluster.dashboard_link, http=door.http_url,
+                                               grpc=door.grpc_address)
                     print("Workers started ... press Ctrl-C to Exit", flush=True)
                     await asyncio.wait([stopped, lost], return_when=asyncio.FIRST_COMPLETED)
                 if lost.done():
@@ -316,6 +324,8 @@ async def serve(args: argparse.Namespace) -> int:
                 print(f"Error: {e}", file=sys.stderr, flush=True)
                 exit_code = 1
             finally:
+                if door is not None:
+                    await door.close()
                 if not lost.done():
                     await deployment.stop()
                     if cluster is None:  # user's workers keep running, without our plugin

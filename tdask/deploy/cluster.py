@@ -26,12 +26,14 @@ def address_file() -> str:
     return os.path.join(tempfile.gettempdir(), f"tdask-{os.getuid()}", "embedded-cluster.json")
 
 
-def write_address_file(scheduler_address: str, dashboard_link: str | None) -> str:
+def write_address_file(scheduler_address: str, dashboard_link: str | None, **more: str) -> str:
+    """Announce an embedded deploy's addresses (``more``: its front door's) to clients on this machine."""
     path = address_file()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump({"scheduler_address": scheduler_address, "dashboard_link": dashboard_link, "pid": os.getpid()}, f)
+        json.dump({"scheduler_address": scheduler_address, "dashboard_link": dashboard_link, "pid": os.getpid(),
+                   **more}, f)
     os.replace(tmp, path)
     return path
 
@@ -49,13 +51,18 @@ def remove_address_file() -> None:
 
 def announced_scheduler_address() -> str:
     """The address an embedded deploy announced (if it still runs), else Dask's default."""
+    return announced("scheduler_address") or DEFAULT_SCHEDULER_ADDRESS
+
+
+def announced(key: str) -> str | None:
+    """One address a running embedded deploy announced (``scheduler_address``, ``http``, ``grpc``), if any."""
     try:
         with open(address_file()) as f:
             info = json.load(f)
         os.kill(int(info["pid"]), 0)
-        return str(info["scheduler_address"])
+        return str(info[key])
     except (OSError, ValueError, KeyError, TypeError):
-        return DEFAULT_SCHEDULER_ADDRESS
+        return None
 
 
 def count_gpus() -> int:

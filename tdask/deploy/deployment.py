@@ -120,7 +120,8 @@ class Deployment:
         replicas = [{"replica": rid, "worker": p.info["worker"], "device": p.info["device"]}
                     for rid, p in self._placed.items() if p.config is cfg]
         if replicas:
-            versions[str(cfg.version)] = {"config": cfg.describe(), "replicas": replicas}
+            metadata = next(p.info.get("metadata") for p in self._placed.values() if p.config is cfg)
+            versions[str(cfg.version)] = {"config": cfg.describe(), "replicas": replicas, "metadata": metadata}
         else:
             versions.pop(str(cfg.version), None)
         await self.client.set_metadata(operator_key(cfg.name), versions)

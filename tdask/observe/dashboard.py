@@ -28,7 +28,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from tdask import config
 from tdask.comm import protocol
 from tdask.observe.metrics import DEFAULT_WINDOW, aggregate, collector, merge_worker_stats
-from tdask.registry import ROOT
+from tdask.registry import FRONTDOORS, ROOT
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class TdaskDashboard(SchedulerPlugin):
         self.scheduler: Any = None
         self.replicas: dict[str, Any] = {}
         self.triton: list[dict[str, Any]] = []
+        self.frontdoors: list[dict[str, Any]] = []
         self.updated: float | None = None
         self.polls = 0
         self.history: dict[str, deque[tuple[float, float, float, float]]] = {}
@@ -112,6 +113,7 @@ class TdaskDashboard(SchedulerPlugin):
         answers = await asyncio.gather(*(self._ask(w) for w in workers))
         self.replicas, self.triton = merge_worker_stats(dict(zip(workers, answers, strict=True)))
         now = time.time()
+        self.frontdoors = self.live_frontdoors(now)
         self.updated = now
         self.polls += 1
         rows = aggregate(self.replicas, now, self.window)
@@ -124,6 +126,16 @@ class TdaskDashboard(SchedulerPlugin):
         for name in list(self.history):
             if name not in seen:
                 del self.history[name]
+
+    def live_frontdoors(self, now: float) -> list[dict[str, Any]]:
+        """Front doors that published their counts lately (one killed stops publishing and drops out)."""
+        try:
+            doors = self.scheduler.get_metadata(keys=list(FRONTDOORS), default=None) or {}
+        except Exception:
+            doors = {}
+        stale = max(10.0, 5 * self.interval)
+        return [{"id": k, **v} for k, v in sorted(doors.items())
+                if isinstance(v, dict) and now - float(v.get("time", 0)) < stale]
 
     def source(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The latest snapshots, for the Prometheus collector."""
@@ -221,6 +233,7 @@ class TdaskPage:
         self.latency.yaxis.axis_label = "ms"
         self.series: dict[str, Any] = {}
         self.triton = Div(text="", sizing_mode="stretch_width")
+        self.frontdoors = Div(text="", sizing_mode="stretch_width")
         self._column_data_source = ColumnDataSource
         self.root = column(
             self.header,
@@ -228,6 +241,7 @@ class TdaskPage:
             Div(text="<b>Replicas</b>"), self.replica_table,
             Div(text="<b>Throughput and latency per operator</b>"),
             row(self.throughput, self.latency, sizing_mode="stretch_width"),
+            self.frontdoors,
             self.triton,
             sizing_mode="stretch_width",
         )
@@ -279,6 +293,13 @@ class TdaskPage:
             items.append(f"<li>worker {html.escape(str(server.get('worker')))}: pid {server.get('pid')}, "
                          f"gRPC {html.escape(str(server.get('grpc')))}, {state}, "
                          f"metrics <a href='{url}' target='_blank'>{url}</a></li>")
+        doors = []
+        for door in plugin.frontdoors:
+            counts = ", ".join(f"{html.escape(k)}: {n}" for k, n in sorted(door.get("by_status", {}).items()))
+            doors.append(f"<li>HTTP {html.escape(str(door.get('http')))}, gRPC {html.escape(str(door.get('grpc')))}"
+                         f": requests by protocol and status: {counts or 'none yet'}</li>")
+        self.frontdoors.text = ("<b>Front doors</b> (KServe v2; each serves its Prometheus metrics at /metrics)"
+                                + (f"<ul>{''.join(doors)}</ul>" if doors else "<p>none</p>"))
         self.triton.text = ("<b>Triton servers</b> (each serves its own Prometheus metrics)"
                             + (f"<ul>{''.join(items)}</ul>" if items else "<p>none</p>"))
 

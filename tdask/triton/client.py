@@ -202,6 +202,17 @@ class TritonModelClient:
                 "peer_regions": self._peers.registered if self._peers is not None else [],
                 "http": self._http.stats()}
 
+    async def model_metadata(self, model: str, version: str = "") -> dict[str, Any]:
+        """Triton's KServe v2 metadata of a loaded model (its config after auto-complete), shapes as integers."""
+        try:
+            md = await self.client.get_model_metadata(model, model_version=version, as_json=True)
+        except InferenceServerException as exc:
+            raise _triton_error(model, exc) from exc
+        tensors = lambda specs: [{"name": t["name"], "datatype": t["datatype"],  # noqa: E731
+                                  "shape": [int(d) for d in t.get("shape", [])]} for t in specs]
+        return {"platform": md.get("platform", ""), "inputs": tensors(md.get("inputs", [])),
+                "outputs": tensors(md.get("outputs", []))}
+
     async def _shm_outputs(self, model: str, version: str, wanted: list[str] | None) -> list[tuple[str, bool]] | None:
         """(output name, variable size) for the model's outputs; None when shared memory cannot be used."""
         key = f"{model}:{version}"

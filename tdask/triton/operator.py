@@ -55,6 +55,7 @@ class TritonCoreOperator(Operator):
         )
         self.server = await servers.acquire_model(cfg.repository, cfg.name, self.model_config, instances=cfg.instances)
         self.client = servers.client(self.server)
+        self._metadata = await self.client.model_metadata(cfg.name)
 
     async def _current_client(self) -> Any:
         """This worker's Triton server may have been restarted (new ports): follow it."""
@@ -104,6 +105,10 @@ class TritonCoreOperator(Operator):
         if server is None:
             return None
         return {"http": server.http_url, "grpc": server.grpc_url, "server": server.pid, "model": self.config.name}
+
+    def metadata(self) -> dict[str, Any]:
+        """Triton's own metadata of the loaded model."""
+        return self._metadata
 
     def info(self) -> dict[str, Any]:
         server = getattr(self, "server", None)

@@ -113,7 +113,7 @@ class Replica:
         self._state = "running"
         self.extension.add_replica(self)
         logger.info("replica %s of %s started on %s", self.replica_id, self.config.name, self.address)
-        return self.info()
+        return {**self.info(), "metadata": self.operator.metadata()}
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Stop taking requests, let in-flight ones finish, then tear the operator down."""

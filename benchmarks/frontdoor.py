@@ -1,0 +1,154 @@
+"""The front door against Triton called directly, both with the stock ``tritonclient`` (asyncio), same run:
+
+* ``direct_grpc`` / ``direct_http``: the client calls Triton's encoder, then its decoder (with the returned
+  ``input_copies``), on the direct Triton server of :mod:`benchmarks.pipeline`;
+* ``frontdoor_grpc`` / ``frontdoor_http``: the same client calls ``encoder_decoder`` once through a front door
+  (``tdask-frontdoor``, a process of its own as users run it) of the hello-world deployment.
+
+Cells are interleaved (direct, front door, repeated ``--rounds`` times) and each row records the share of the
+machine's cores busy while it ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import CpuBusy, Measurement, print_table, ratio, run_load
+
+# (elements, concurrency, protocols): the issue's cells; 8 MB over gRPC only
+CELLS = [(1000, 1, ("grpc", "http")), (1000, 16, ("grpc", "http")), (1_000_000, 1, ("grpc",)),
+         (1_000_000, 4, ("grpc",))]
+SMOKE_CELLS = [(1000, 1, ("grpc", "http")), (100_000, 1, ("grpc",))]
+
+
+class StockClient:
+    """``tritonclient``'s asyncio client for one protocol, against one server."""
+
+    def __init__(self, protocol: str, url: str) -> None:
+        if protocol == "grpc":
+            import tritonclient.grpc.aio as module
+        else:
+            import tritonclient.http.aio as module
+        self.module = module
+        self.client = module.InferenceServerClient(url.removeprefix("http://"))
+
+    def _input(self, x: np.ndarray) -> Any:
+        tensor = self.module.InferInput("input", list(x.shape), "INT64")
+        tensor.set_data_from_numpy(x)
+        return tensor
+
+    async def direct(self, x: np.ndarray) -> None:
+        """Encoder, then decoder: what a user of Triton alone writes."""
+        encoded = await self.client.infer("encoder", [self._input(x)])
+        copies = int(encoded.as_numpy("input_copies").reshape(-1)[0])
+        decoded = await self.client.infer("decoder", [self._input(encoded.as_numpy("output"))],
+                                          parameters={"input_copies": copies})
+        _check(x, decoded.as_numpy("output"))
+
+    async def pipeline(self, x: np.ndarray) -> None:
+        """One call of tdask's encoder_decoder through the front door."""
+        answer = await self.client.infer("encoder_decoder", [self._input(x)])
+        _check(x, answer.as_numpy("output"))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _check(x: np.ndarray, out: np.ndarray) -> None:
+    if out.shape != x.shape or not np.array_equal(out, x):
+        raise AssertionError(f"wrong output: shape {out.shape} vs {x.shape}")
+
+
+@contextlib.asynccontextmanager
+async def front_door_process(scheduler_address: str) -> AsyncIterator[tuple[str, str]]:
+    """``tdask-frontdoor`` on free ports for the deployment at ``scheduler_address``: (HTTP URL, gRPC address)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tdask.cli.frontdoor", "--scheduler-address", scheduler_address, "--http-port", "0",
+        "--grpc-port", "0", "--log-level", "WARNING", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    drain = None
+    try:
+        seen = ""
+        while "press Ctrl-C" not in seen:
+            line = await asyncio.wait_for(proc.stdout.readline(), 60)
+            if not line:
+                raise RuntimeError(f"tdask-frontdoor exited before it served:\n{seen}")
+            seen += line.decode()
+        http = re.search(r"KServe v2 HTTP: (\S+)", seen).group(1)
+        grpc = re.search(r"KServe v2 gRPC: (\S+)", seen).group(1)
+        drain = asyncio.ensure_future(proc.stdout.read())  # its later output never blocks it
+        yield http, grpc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if drain is not None:
+            drain.cancel()
+
+
+async def measure_frontdoor(args: argparse.Namespace, direct_server: Any, scheduler_address: str,
+                            ) -> list[dict[str, Any]]:
+    """Each cell: direct and front door, interleaved, per protocol."""
+    cells = SMOKE_CELLS if args.smoke else CELLS
+    rows = []
+    async with front_door_process(scheduler_address) as (http_url, grpc_address):
+        clients = {
+            ("grpc", "direct"): StockClient("grpc", direct_server.grpc_url),
+            ("grpc", "frontdoor"): StockClient("grpc", grpc_address),
+            ("http", "direct"): StockClient("http", direct_server.http_url),
+            ("http", "frontdoor"): StockClient("http", http_url),
+        }
+        calls = {key: (c.direct if key[1] == "direct" else c.pipeline) for key, c in clients.items()}
+        try:
+            for size, conc, protocols in cells:
+                x = np.arange(size, dtype=np.int64)
+                for protocol in protocols:
+                    systems = {f"{side}_{protocol}": calls[(protocol, side)] for side in ("direct", "frontdoor")}
+                    for call in systems.values():  # warm-up: connections, first-call costs
+                        await run_load(call, x, conc, requests=2 * conc)
+                    ms = {s: Measurement(s) for s in systems}
+                    cpu = {s: CpuBusy() for s in systems}
+                    for _ in range(args.rounds):
+                        for system, call in systems.items():
+                            cpu[system].start()
+                            ms[system].add(*await run_load(call, x, conc, duration=args.duration))
+                            cpu[system].stop()
+                    summary = {s: {**m.summary(), "cpu_busy": cpu[s].fraction} for s, m in ms.items()}
+                    d, f = summary[f"direct_{protocol}"], summary[f"frontdoor_{protocol}"]
+                    f["throughput_ratio"] = ratio(f["throughput"], d["throughput"])
+                    f["p50_overhead_ms"] = (round(f["p50_ms"] - d["p50_ms"], 3)
+                                            if f["p50_ms"] is not None and d["p50_ms"] is not None else None)
+                    rows.append({"size": size, "concurrency": conc, "protocol": protocol, "systems": summary})
+                    print(f"front door size {size} concurrency {conc} {protocol}: " + ", ".join(
+                        f"{s} {v['throughput']}/s p50 {v['p50_ms']} ms errors {v['errors']}"
+                        for s, v in summary.items()), flush=True)
+        finally:
+            for c in clients.values():
+                await c.close()
+    return rows
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    table = []
+    for row in rows:
+        for system, s in row["systems"].items():
+            table.append({"size": row["size"], "conc": row["concurrency"], "system": system, **s})
+    return print_table(table, [
+        ("size", "elements"), ("conc", "concurrency"), ("system", "system"), ("throughput", "req/s"),
+        ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("throughput_ratio", "thr / direct"),
+        ("p50_overhead_ms", "p50 - direct ms"), ("cpu_busy", "CPU busy"), ("errors", "errors")],
+        "Front door: stock tritonclient through tdask's front door (encoder_decoder) vs the same client calling "
+        "Triton directly (encoder, then decoder)")

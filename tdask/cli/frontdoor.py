@@ -1,0 +1,99 @@
+"""``tdask-frontdoor``: one more KServe v2 HTTP/gRPC front door for a running deployment (one per host, say);
+``python -m deploy`` starts one of its own. Every front door serves every operator of the cluster."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from distributed import Client
+
+from tdask import config
+from tdask.cli.options import at_least, positive_float
+from tdask.compat import TimeoutErrors
+from tdask.deploy.cluster import announced_scheduler_address
+from tdask.errors import TdaskError
+from tdask.frontdoor import FrontDoor
+from tdask.session import connect
+
+port = at_least(int, 0, "a port number >= 0 (0: any free port)")
+
+
+def add_front_door_options(p: argparse.ArgumentParser, optional: bool = True) -> None:
+    g = p.add_argument_group("front door (KServe v2 over HTTP and gRPC: curl, tritonclient)")
+    g.add_argument("--http-port", type=port, default=int(config.get("frontdoor.http-port")),
+                   help="HTTP/REST port (0: any free port; default tdask.frontdoor.http-port)")
+    g.add_argument("--grpc-port", type=port, default=int(config.get("frontdoor.grpc-port")),
+                   help="gRPC port (0: any free port; default tdask.frontdoor.grpc-port)")
+    g.add_argument("--front-door-host", default=config.get("frontdoor.host"),
+                   help="interface the front door listens on (0.0.0.0: every one; default tdask.frontdoor.host)")
+    if optional:
+        g.add_argument("--no-front-door", action="store_true", help="start no front door")
+
+
+async def start_front_door(client: Client, args: argparse.Namespace) -> FrontDoor:
+    """A front door on ``client``'s cluster, its addresses printed as deploy prints them."""
+    session = await connect(client)
+    door = FrontDoor(session, host=args.front_door_host, http_port=args.http_port, grpc_port=args.grpc_port,
+                     close_session=True)
+    try:
+        await door.start()
+    except BaseException:
+        await session.close()
+        raise
+    print(f"KServe v2 HTTP: {door.http_url}", flush=True)
+    print(f"KServe v2 gRPC: {door.grpc_address}", flush=True)
+    return door
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tdask-frontdoor", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scheduler-address", default=None,
+                   help="the deployment's scheduler (default: the embedded deploy's announced address, else "
+                        "tcp://127.0.0.1:8786)")
+    p.add_argument("--connect-timeout", type=positive_float, default=5.0,
+                   help="seconds to reach the scheduler before giving up")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_front_door_options(p, optional=False)
+    return p
+
+
+async def serve(args: argparse.Namespace) -> int:
+    address = args.scheduler_address or announced_scheduler_address()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        client = await Client(address, asynchronous=True, direct_to_workers=True, timeout=args.connect_timeout)
+    except (OSError, *TimeoutErrors) as e:
+        print(f"Error: cannot reach the scheduler at {address} within {args.connect_timeout:g} s: {e}",
+              file=sys.stderr, flush=True)
+        return 1
+    try:
+        door = await start_front_door(client, args)
+        print(f"Front door serving the deployment at {address} ... press Ctrl-C to Exit", flush=True)
+        await stop.wait()
+        await door.close()
+    except TdaskError as e:
+        print(f"Error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        await client.close()
+    print("Stopped", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

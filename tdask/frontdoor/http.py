@@ -1,0 +1,215 @@
+"""The KServe v2 HTTP/REST front door (aiohttp): health, metadata, inference with JSON tensors and the binary
+tensor data extension, statistics, the repository index, and the front door's Prometheus metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tdask.errors import InvalidRequestError, TdaskError
+from tdask.frontdoor import kserve
+from tdask.frontdoor.core import EXTENSIONS, SERVER_NAME, FrontDoorCore
+from tdask.session import RemoteOperator
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(body, separators=(",", ":")).encode(), status=status,
+                        content_type="application/json")
+
+
+def _error(error: BaseException) -> web.Response:
+    status, _ = kserve.status_of(error)
+    return _json({"error": str(error)}, status)
+
+
+def decode_infer(body: bytes, header_length: str | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The request's JSON header and its input tensors (JSON ``data`` or binary data after the header)."""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= len(body):
+            raise InvalidRequestError(f"{HEADER_LENGTH} {header_length!r} does not fit the body of {len(body)} bytes")
+        head, binary = memoryview(body)[:n], memoryview(body)[n:]
+    else:
+        head, binary = memoryview(body), memoryview(b"")
+    try:
+        request = json.loads(bytes(head))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(request, dict):
+        raise InvalidRequestError("the request body must be a JSON object with 'inputs'")
+    specs = request.get("inputs")
+    if not isinstance(specs, list):
+        raise InvalidRequestError("the request needs 'inputs', a list of tensors")
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for spec in specs:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise InvalidRequestError("each input needs a non-empty 'name'")
+        name = spec["name"]
+        if name in inputs:
+            raise InvalidRequestError(f"input {name!r} is given twice")
+        shape = kserve.shape_of(spec.get("shape"), name)
+        datatype = spec.get("datatype")
+        params = spec.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidRequestError(f"input {name!r}: 'parameters' must be an object")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InvalidRequestError(f"input {name!r}: binary_data_size {size!r} does not fit the "
+                                          f"{len(binary) - offset} bytes of binary data left")
+            inputs[name] = kserve.from_bytes(binary[offset:offset + size], datatype, shape, name)
+            offset += size
+        elif "data" in spec:
+            inputs[name] = kserve.from_values(spec["data"], datatype, shape, name)
+        else:
+            raise InvalidRequestError(f"input {name!r} has neither 'data' nor binary data")
+    if offset != len(binary):
+        raise InvalidRequestError(f"{len(binary) - offset} bytes of binary data belong to no input")
+    return request, inputs
+
+
+def encode_infer(request: dict[str, Any], op: RemoteOperator, request_id: str,
+                 outputs: dict[str, np.ndarray]) -> web.Response:
+    """The answer: JSON ``data``, or binary data after the JSON where the client asked for it."""
+    params = request.get("parameters") or {}
+    binary_default = params.get("binary_data_output") is True
+    wanted = request.get("outputs")
+    if wanted is None:
+        chosen = [(name, binary_default) for name in outputs]
+    else:
+        if not isinstance(wanted, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                                   for o in wanted):
+            raise InvalidRequestError("'outputs' must be a list of objects with a 'name'")
+        chosen = []
+        for o in wanted:
+            if o["name"] not in outputs:
+                raise InvalidRequestError(f"model {op.name!r} has no output {o['name']!r} "
+                                          f"(outputs: {', '.join(sorted(outputs))})")
+            binary = (o.get("parameters") or {}).get("binary_data", binary_default)
+            chosen.append((o["name"], binary is True))
+    tensors, blobs = [], []
+    for name, binary in chosen:
+        arr = outputs[name]
+        tensor = kserve.tensor_metadata(name, arr)
+        if binary:
+            blob = arr.tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = arr.reshape(-1).tolist()
+        tensors.append(tensor)
+    answer = {"model_name": op.name, "model_version": str(op.version), "outputs": tensors}
+    if request.get("id") is not None:
+        answer["id"] = str(request["id"])
+    head = json.dumps(answer, separators=(",", ":")).encode()
+    if not blobs:
+        return web.Response(body=head, content_type="application/json")
+    response = web.Response(body=b"".join([head, *blobs]), content_type="application/octet-stream")
+    response.headers[HEADER_LENGTH] = str(len(head))
+    return response
+
+
+class HttpFrontDoor:
+    """The routes of the KServe v2 REST protocol over a :class:`FrontDoorCore`."""
+
+    def __init__(self, core: FrontDoorCore, max_body_bytes: int) -> None:
+        self.core = core
+        self.max_body_bytes = max_body_bytes
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
+        r = self.app.router
+        r.add_get("/v2/health/live", self.live)
+        r.add_get("/v2/health/ready", self.server_ready)
+        r.add_get("/v2", self.server_metadata)
+        r.add_get("/v2/models/stats", self.stats)
+        r.add_post("/v2/repository/index", self.index)
+        for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            r.add_get(prefix, self.model_metadata)
+            r.add_get(prefix + "/ready", self.model_ready)
+            r.add_get(prefix + "/stats", self.stats)
+            r.add_post(prefix + "/infer", self.infer)
+        r.add_get("/metrics", self.metrics)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every failure as the protocol's error body; aiohttp's own (404, 405, 413) included."""
+        try:
+            return await handler(request)
+        except TdaskError as e:
+            return _error(e)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            return _json({"error": e.reason if e.status != 413 else
+                          f"the request body is over the front door's limit of {self.max_body_bytes} bytes"},
+                         e.status)
+
+    async def live(self, request: web.Request) -> web.Response:
+        return _json({"live": True})
+
+    async def server_ready(self, request: web.Request) -> web.Response:
+        ready = await self.core.server_ready()
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return _json({"name": SERVER_NAME, "version": self.core.version, "extensions": EXTENSIONS})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        return _json(await self.core.metadata(m["model"], m.get("version")))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        ready = await self.core.ready(m["model"], m.get("version"))
+        return _json({"name": m["model"], "ready": ready}, 200 if ready else 400)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        if "model" in m:
+            await self.core.operator(m["model"], m.get("version"))  # 404 for a model not deployed
+        return _json({"model_stats": self.core.statistics(m.get("model"), m.get("version"))})
+
+    async def index(self, request: web.Request) -> web.Response:
+        return _json(await self.core.index())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.core.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def infer(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        m = request.match_info
+        op = None
+        request_id = None
+        try:
+            body = await request.read()
+            op = await self.core.operator(m["model"], m.get("version"))
+            header, inputs = decode_infer(body, request.headers.get(HEADER_LENGTH))
+            request_id = header.get("id")
+            if request_id is not None and not isinstance(request_id, str):
+                raise InvalidRequestError("'id' must be a string")
+            params = header.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise InvalidRequestError("'parameters' must be an object")
+            op, outputs, request_id = await self.core.infer("http", m["model"], m.get("version"), inputs, params,
+                                                            request_id)
+            response = encode_infer(header, op, request_id, outputs)
+        except web.HTTPException as e:  # the body was over the limit
+            self.core.record("http", op, str(e.status), False, started, request_id, e)
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure is the client's answer, never the server's end
+            response = _error(e)
+            self.core.record("http", op, str(response.status), False, started, request_id, e)
+            return response
+        self.core.record("http", op, "200", True, started, request_id)
+        return response
