@@ -126,3 +126,26 @@ def test_the_original_examples_encoder_with_a_0d_input_copies_works_through_depl
         assert deploy.p.wait(120) == 0, deploy.text()[-3000:]
     finally:
         deploy.stop()
+
+
+def test_a_file_may_set_the_front_door_and_the_command_line_wins(tmp_path):
+    from tdask.cli.frontdoor import front_door_settings
+
+    path = tmp_path / "deploy.yaml"
+    path.write_text(f"operators:\n  - name: add_sub\n    repository: {TEST_MODELS}\n"
+                    "frontdoor:\n  http-port: 9000\n  host: 0.0.0.0\n")
+    assert [op.name for op in spec.load(path)] == ["add_sub"]
+    from_file = spec.front_door(path)
+    assert from_file == {"http-port": 9000, "host": "0.0.0.0"}
+    args = build_parser().parse_args(["--config", str(path), "--grpc-port", "0", "--front-door-host", "127.0.0.1"])
+    # the file's port, the option's host and gRPC port; the rest from tdask's settings
+    assert front_door_settings(args, from_file) == {"host": "127.0.0.1", "http-port": 9000, "grpc-port": 0}
+    assert spec.front_door({"operators": []}) == {}
+    for section, message in [("[1]", "'frontdoor' must be a mapping"),
+                             ("{http_port: 1}", "frontdoor: unknown field(s) ['http_port']"),
+                             ("{grpc-port: 70000}", "field 'grpc-port' must be a port number"),
+                             ("{host: ''}", "field 'host' must be a host name")]:
+        path.write_text(f"operators:\n  - name: add_sub\n    repository: {TEST_MODELS}\nfrontdoor: {section}\n")
+        with pytest.raises(ConfigError) as info:
+            spec.front_door(path)
+        assert str(info.value).startswith(f"{path}: ") and message in str(info.value)

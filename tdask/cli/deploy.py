@@ -308,7 +308,8 @@ async def serve(args: argparse.Namespace) -> int:
                     for info in start.result():
                         print_replica(info)
                     if not args.no_front_door:
-                        door = await start_front_door(client, args)
+                        door = await start_front_door(
+                            client, args, spec.front_door(args.config) if args.config else None)
                         if cluster is not None:  # the client's --protocol http|grpc finds it
                             write_address_file(address, cluster.dashboard_link, http=door.http_url,
                                                grpc=door.grpc_address)

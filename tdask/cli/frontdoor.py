@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from distributed import Client
 
@@ -25,21 +26,36 @@ port = at_least(int, 0, "a port number >= 0 (0: any free port)")
 
 def add_front_door_options(p: argparse.ArgumentParser, optional: bool = True) -> None:
     g = p.add_argument_group("front door (KServe v2 over HTTP and gRPC: curl, tritonclient)")
-    g.add_argument("--http-port", type=port, default=int(config.get("frontdoor.http-port")),
-                   help="HTTP/REST port (0: any free port; default tdask.frontdoor.http-port)")
-    g.add_argument("--grpc-port", type=port, default=int(config.get("frontdoor.grpc-port")),
-                   help="gRPC port (0: any free port; default tdask.frontdoor.grpc-port)")
-    g.add_argument("--front-door-host", default=config.get("frontdoor.host"),
-                   help="interface the front door listens on (0.0.0.0: every one; default tdask.frontdoor.host)")
+    g.add_argument("--http-port", type=port, default=None,
+                   help=f"HTTP/REST port (0: any free port; default: the deployment file's, else "
+                        f"tdask.frontdoor.http-port, {config.get('frontdoor.http-port')})")
+    g.add_argument("--grpc-port", type=port, default=None,
+                   help=f"gRPC port (0: any free port; default: the deployment file's, else "
+                        f"tdask.frontdoor.grpc-port, {config.get('frontdoor.grpc-port')})")
+    g.add_argument("--front-door-host", default=None,
+                   help=f"interface the front door listens on (0.0.0.0: every one; default: the deployment file's, "
+                        f"else tdask.frontdoor.host, {config.get('frontdoor.host')})")
     if optional:
         g.add_argument("--no-front-door", action="store_true", help="start no front door")
 
 
-async def start_front_door(client: Client, args: argparse.Namespace) -> FrontDoor:
+def front_door_settings(args: argparse.Namespace, from_file: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where the front door listens: the command line's options, else the deployment file's, else tdask's config."""
+    from_file = from_file or {}
+    chosen = {}
+    for option, key in (("front_door_host", "host"), ("http_port", "http-port"), ("grpc_port", "grpc-port")):
+        value = getattr(args, option)
+        chosen[key] = value if value is not None else from_file.get(key, config.get(f"frontdoor.{key}"))
+    return chosen
+
+
+async def start_front_door(client: Client, args: argparse.Namespace,
+                           from_file: dict[str, Any] | None = None) -> FrontDoor:
     """A front door on ``client``'s cluster, its addresses printed as deploy prints them."""
+    where = front_door_settings(args, from_file)
     session = await connect(client)
-    door = FrontDoor(session, host=args.front_door_host, http_port=args.http_port, grpc_port=args.grpc_port,
-                     close_session=True)
+    door = FrontDoor(session, host=where["host"], http_port=int(where["http-port"]),
+                     grpc_port=int(where["grpc-port"]), close_session=True)
     try:
         await door.start()
     except BaseException:

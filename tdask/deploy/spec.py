@@ -11,6 +11,10 @@ A deployment file is YAML (or the same as a dict)::
       - name: encoder_decoder
         implementation: encoder_decoder:EncoderDecoder
         repository: .
+    frontdoor:                             # optional: deploy's KServe v2 front door (its options win)
+      http-port: 8000
+      grpc-port: 8001
+      host: 127.0.0.1
 
 Every field of :class:`~tdask.operator.OperatorConfig` may be given; anything else is an error that names the
 file, the operator and the field.
@@ -34,10 +38,13 @@ _COUNTS = ("version", "max_inflight", "instances", "replicas")  # integers >= 1
 _SCALARS = (str, int, float, bool)
 
 
-def load(source: str | os.PathLike | Mapping[str, Any]) -> list[OperatorConfig]:
-    """The operators a deployment file (a path) or its contents (a mapping) list, checked."""
+FRONT_DOOR_FIELDS = ("host", "http-port", "grpc-port")
+
+
+def _read(source: str | os.PathLike | Mapping[str, Any]) -> tuple[Any, str, Path]:
+    """The document, the name its errors give, and the folder its repositories are relative to."""
     if isinstance(source, Mapping):
-        return operators_from(source, where="deployment", base=Path.cwd())
+        return source, "deployment", Path.cwd()
     path = Path(source)
     try:
         document = yaml.safe_load(path.read_text())
@@ -45,15 +52,43 @@ def load(source: str | os.PathLike | Mapping[str, Any]) -> list[OperatorConfig]:
         raise ConfigError(f"deployment file {path}: cannot read it: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"deployment file {path}: not valid YAML: {e}") from e
-    return operators_from(document, where=str(path), base=path.resolve().parent)
+    return document, str(path), path.resolve().parent
+
+
+def load(source: str | os.PathLike | Mapping[str, Any]) -> list[OperatorConfig]:
+    """The operators a deployment file (a path) or its contents (a mapping) list, checked."""
+    document, where, base = _read(source)
+    return operators_from(document, where=where, base=base)
+
+
+def front_door(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """The file's ``frontdoor`` settings (``host``, ``http-port``, ``grpc-port``), checked; {} when it has none."""
+    document, where, _ = _read(source)
+    section = document.get("frontdoor") if isinstance(document, Mapping) else None
+    if section is None:
+        return {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: 'frontdoor' must be a mapping of {list(FRONT_DOOR_FIELDS)}")
+    unknown = sorted(set(section) - set(FRONT_DOOR_FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}: frontdoor: unknown field(s) {unknown}; the fields are {list(FRONT_DOOR_FIELDS)}")
+    for key in ("http-port", "grpc-port"):
+        value = section.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 65536):
+            raise ConfigError(f"{where}: frontdoor: field {key!r} must be a port number (0: any free port), "
+                              f"got {value!r}")
+    if "host" in section and not (isinstance(section["host"], str) and section["host"]):
+        raise ConfigError(f"{where}: frontdoor: field 'host' must be a host name or address, got {section['host']!r}")
+    return dict(section)
 
 
 def operators_from(document: Any, *, where: str, base: Path) -> list[OperatorConfig]:
     if not isinstance(document, Mapping):
         raise ConfigError(f"{where}: expected a mapping with an 'operators' list, got {type(document).__name__}")
-    unknown = set(document) - {"operators"}
+    unknown = set(document) - {"operators", "frontdoor"}
     if unknown:
-        raise ConfigError(f"{where}: unknown top-level key(s) {sorted(unknown)}; a deployment lists 'operators'")
+        raise ConfigError(f"{where}: unknown top-level key(s) {sorted(unknown)}; a deployment lists 'operators' "
+                          "(and may set its 'frontdoor')")
     entries = document.get("operators")
     if not isinstance(entries, Sequence) or isinstance(entries, str) or not entries:
         raise ConfigError(f"{where}: 'operators' must be a non-empty list")
