@@ -73,7 +73,7 @@ hello)
         kill -0 $deploy 2>/dev/null || { cat "$log"; exit 1; }
         sleep 0.5
     done
-    grep -E "^(Embedded cluster|Started|Workers started)" "$log"
+    grep -E "^(Embedded cluster|Started|KServe v2|Workers started)" "$log"
     set +e
     python -m tdask.client "$@"
     code=$?
