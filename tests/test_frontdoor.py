@@ -297,3 +297,32 @@ def test_grpc_requests_that_are_not_protobuf_are_refused_and_the_door_keeps_serv
     answer = grpcclient.InferenceServerClient(door.grpc_address).infer(
         "encoder_decoder", [_input(grpcclient, np.arange(3, dtype=np.int64))])
     np.testing.assert_array_equal(answer.as_numpy("output"), np.arange(3))
+
+
+def test_bodies_received_at_once_are_bounded_and_a_body_that_stalls_is_answered_408(loop, session):
+    """A client that sends its body slowly holds its share of ``receiving-bytes`` until ``body-timeout``: others
+    beyond the bound get 503 at once, it gets 408, and the front door serves on."""
+    import socket
+    import time
+
+    settings = {"tdask.frontdoor.receiving-bytes": 1000, "tdask.frontdoor.body-timeout": "1s"}
+    with dask.config.set(settings):
+        small = loop.run(FrontDoor(session, http_port=0, grpc_port=0).start())
+    try:
+        slow = socket.create_connection((small.host, small.http_port), timeout=30)
+        slow.sendall(b"POST /v2/models/encoder_decoder/infer HTTP/1.1\r\nHost: tdask\r\n"
+                     b"Content-Length: 900\r\n\r\n{")  # 1 of 900 bytes, then nothing
+        deadline = time.monotonic() + 20
+        while True:  # until the stalled body holds its reservation (the first tries may come before it)
+            status, answer = _post(small, "/v2/models/encoder_decoder/infer", b" " * 900)
+            if status == 503 or time.monotonic() > deadline:
+                break
+        assert status == 503 and "tdask.frontdoor.receiving-bytes" in answer["error"], (status, answer)
+        reply = slow.recv(65536).decode()
+        assert reply.startswith("HTTP/1.1 408") and "did not arrive within 1 s" in reply, reply
+        slow.close()
+        status, answer = _post(small, "/v2/models/encoder_decoder/infer", json.dumps(
+            {"inputs": [{"name": "input", "shape": [2], "datatype": "INT64", "data": [4, 5]}]}).encode())
+        assert status == 200 and answer["outputs"][0]["data"] == [4, 5]
+    finally:
+        loop.run(small.close(), timeout=30)

@@ -11,7 +11,9 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tdask.errors import InvalidRequestError, TdaskError
+from tdask import compat, config
+from tdask.compat import TimeoutErrors
+from tdask.errors import InvalidRequestError, OverloadedError, TdaskError
 from tdask.frontdoor import kserve
 from tdask.frontdoor.core import EXTENSIONS, SERVER_NAME, FrontDoorCore
 from tdask.session import RemoteOperator
@@ -126,6 +128,10 @@ class HttpFrontDoor:
     def __init__(self, core: FrontDoorCore, max_body_bytes: int) -> None:
         self.core = core
         self.max_body_bytes = max_body_bytes
+        # request bodies being received or held, over all connections: a bound no set of clients can exceed
+        self.receiving_limit = int(config.get("frontdoor.receiving-bytes"))
+        self.receiving = 0
+        self.body_timeout = config.seconds("frontdoor.body-timeout")
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
         r = self.app.router
         r.add_get("/v2/health/live", self.live)
@@ -186,13 +192,32 @@ class HttpFrontDoor:
         return web.Response(body=generate_latest(self.core.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    def _reserve(self, request: web.Request) -> int:
+        """Room for this request's body among all bodies received at once (one body may always arrive)."""
+        size = request.content_length if request.content_length is not None else self.max_body_bytes
+        if self.receiving and self.receiving + size > self.receiving_limit:
+            raise OverloadedError(f"the front door is receiving {self.receiving} bytes of request bodies; "
+                                  f"{size} more would pass its limit of {self.receiving_limit} "
+                                  "(tdask.frontdoor.receiving-bytes): try again")
+        self.receiving += size
+        return size
+
     async def infer(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         m = request.match_info
         op = None
         request_id = None
+        reserved = 0
         try:
-            body = await request.read()
+            reserved = self._reserve(request)
+            try:
+                async with compat.timeout(self.body_timeout):
+                    body = await request.read()
+            except TimeoutErrors:
+                late = TimeoutError(f"the request body did not arrive within {self.body_timeout:g} s "
+                                    "(tdask.frontdoor.body-timeout)")
+                self.core.record("http", op, "408", False, started, request_id, late)
+                return _json({"error": str(late)}, 408)
             op = await self.core.operator(m["model"], m.get("version"))
             header, inputs = decode_infer(body, request.headers.get(HEADER_LENGTH))
             request_id = header.get("id")
@@ -211,5 +236,7 @@ class HttpFrontDoor:
             response = _error(e)
             self.core.record("http", op, str(response.status), False, started, request_id, e)
             return response
+        finally:
+            self.receiving -= reserved
         self.core.record("http", op, "200", True, started, request_id)
         return response
