@@ -247,3 +247,42 @@ async def run_load(call: Callable[[Any], Awaitable[None]], x: np.ndarray, concur
 
     await asyncio.gather(*(loop() for _ in range(concurrency)))
     return latencies, time.perf_counter() - start, errors, first_error
+
+
+def check(x: np.ndarray, out: np.ndarray) -> None:
+    if out.shape != x.shape or not np.array_equal(out, x):
+        raise AssertionError(f"wrong output: shape {out.shape} vs {x.shape}")
+
+
+class StockClient:
+    """``tritonclient``'s asyncio client for one protocol, against one server: what a user of Triton writes
+    (``direct``), or one call of tdask's pipeline through a front door (``pipeline``)."""
+
+    def __init__(self, protocol: str, url: str) -> None:
+        if protocol == "grpc":
+            import tritonclient.grpc.aio as module
+        else:
+            import tritonclient.http.aio as module
+        self.module = module
+        self.client = module.InferenceServerClient(url.removeprefix("http://"))
+
+    def _input(self, x: np.ndarray) -> Any:
+        tensor = self.module.InferInput("input", list(x.shape), "INT64")
+        tensor.set_data_from_numpy(x)
+        return tensor
+
+    async def direct(self, x: np.ndarray) -> None:
+        """Encoder, then decoder: what a user of Triton alone writes."""
+        encoded = await self.client.infer("encoder", [self._input(x)])
+        copies = int(encoded.as_numpy("input_copies").reshape(-1)[0])
+        decoded = await self.client.infer("decoder", [self._input(encoded.as_numpy("output"))],
+                                          parameters={"input_copies": copies})
+        check(x, decoded.as_numpy("output"))
+
+    async def pipeline(self, x: np.ndarray) -> None:
+        """One call of tdask's encoder_decoder through the front door."""
+        answer = await self.client.infer("encoder_decoder", [self._input(x)])
+        check(x, answer.as_numpy("output"))
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -22,50 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import CpuBusy, Measurement, print_table, ratio, run_load
+from benchmarks.common import CpuBusy, Measurement, StockClient, print_table, ratio, run_load
 
 # (elements, concurrency, protocols): the issue's cells; 8 MB over gRPC only
 CELLS = [(1000, 1, ("grpc", "http")), (1000, 16, ("grpc", "http")), (1_000_000, 1, ("grpc",)),
          (1_000_000, 4, ("grpc",))]
 SMOKE_CELLS = [(1000, 1, ("grpc", "http")), (100_000, 1, ("grpc",))]
-
-
-class StockClient:
-    """``tritonclient``'s asyncio client for one protocol, against one server."""
-
-    def __init__(self, protocol: str, url: str) -> None:
-        if protocol == "grpc":
-            import tritonclient.grpc.aio as module
-        else:
-            import tritonclient.http.aio as module
-        self.module = module
-        self.client = module.InferenceServerClient(url.removeprefix("http://"))
-
-    def _input(self, x: np.ndarray) -> Any:
-        tensor = self.module.InferInput("input", list(x.shape), "INT64")
-        tensor.set_data_from_numpy(x)
-        return tensor
-
-    async def direct(self, x: np.ndarray) -> None:
-        """Encoder, then decoder: what a user of Triton alone writes."""
-        encoded = await self.client.infer("encoder", [self._input(x)])
-        copies = int(encoded.as_numpy("input_copies").reshape(-1)[0])
-        decoded = await self.client.infer("decoder", [self._input(encoded.as_numpy("output"))],
-                                          parameters={"input_copies": copies})
-        _check(x, decoded.as_numpy("output"))
-
-    async def pipeline(self, x: np.ndarray) -> None:
-        """One call of tdask's encoder_decoder through the front door."""
-        answer = await self.client.infer("encoder_decoder", [self._input(x)])
-        _check(x, answer.as_numpy("output"))
-
-    async def close(self) -> None:
-        await self.client.close()
-
-
-def _check(x: np.ndarray, out: np.ndarray) -> None:
-    if out.shape != x.shape or not np.array_equal(out, x):
-        raise AssertionError(f"wrong output: shape {out.shape} vs {x.shape}")
 
 
 @contextlib.asynccontextmanager

@@ -42,6 +42,8 @@ from benchmarks.common import (
     RESULTS,
     CpuBusy,
     Measurement,
+    StockClient,
+    check,
     environment,
     int_list,
     plot,
@@ -131,37 +133,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def check(x: np.ndarray, out: np.ndarray) -> None:
-    if out.shape != x.shape or not np.array_equal(out, x):
-        raise AssertionError(f"wrong output: shape {out.shape} vs {x.shape}")
-
-
 # -- the three systems -------------------------------------------------------------------
-class Direct:
-    """What a user would write without tdask: tritonclient's asyncio gRPC client, encoder then decoder."""
-
-    def __init__(self, url: str) -> None:
-        import tritonclient.grpc.aio as grpcclient
-
-        self.grpc = grpcclient
-        self.client = grpcclient.InferenceServerClient(url)
-
-    def _input(self, x: np.ndarray) -> Any:
-        inp = self.grpc.InferInput("input", list(x.shape), "INT64")
-        inp.set_data_from_numpy(x)
-        return inp
-
-    async def call(self, x: np.ndarray) -> None:
-        enc = await self.client.infer("encoder", [self._input(x)])
-        encoded = enc.as_numpy("output")
-        input_copies = int(enc.as_numpy("input_copies")[0])
-        dec = await self.client.infer("decoder", [self._input(encoded)], parameters={"input_copies": input_copies})
-        check(x, dec.as_numpy("output"))
-
-    async def close(self) -> None:
-        await self.client.close()
-
-
 class Tdask:
     def __init__(self, session: Any) -> None:
         self.session = session
@@ -278,9 +250,9 @@ class RssSampler:
 
 
 # -- the run ------------------------------------------------------------------------------
-async def measure_cells(args: argparse.Namespace, direct: Direct, td: Tdask,
+async def measure_cells(args: argparse.Namespace, direct: StockClient, td: Tdask,
                         deploy_layout: Tdask | None = None) -> list[dict[str, Any]]:
-    calls = {"direct": direct.call, "tdask_pipeline": td.call_pipeline, "tdask_chained": td.call_chained}
+    calls = {"direct": direct.direct, "tdask_pipeline": td.call_pipeline, "tdask_chained": td.call_chained}
     if deploy_layout is not None:
         calls[DEPLOY_LAYOUT] = deploy_layout.call_pipeline
     cells = []
@@ -357,13 +329,13 @@ async def measure_scaling(args: argparse.Namespace, client: Any, direct_server: 
     for n in args.scaling:
         conc = 4 * n
         await load_direct_models(direct_server, n, delay_s)
-        direct = Direct(direct_server.grpc_url)
+        direct = StockClient("grpc", direct_server.grpc_url)
         configs = tdask_configs(1, args.max_inflight, args.pipeline_max_inflight, replicas=n, delay_s=delay_s)
         try:
             async with deployed(client, configs) as td:
                 ms = {"direct": Measurement("direct"), "tdask_pipeline": Measurement("tdask_pipeline")}
                 cpu = {"direct": CpuBusy(), "tdask_pipeline": CpuBusy()}
-                calls = {"direct": direct.call, "tdask_pipeline": td.call_pipeline}
+                calls = {"direct": direct.direct, "tdask_pipeline": td.call_pipeline}
                 for call in calls.values():
                     await run_load(call, x, conc, requests=conc)
                 for _ in range(args.rounds):
@@ -422,7 +394,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await direct_server.start()
         await load_direct_models(direct_server, args.instances)
         if not {"cells", "frontdoor", "memory"} <= args.skip:
-            direct = Direct(direct_server.grpc_url)
+            direct = StockClient("grpc", direct_server.grpc_url)
             try:
                 async with hello_world(args, args.workers) as td:
                     if "cells" not in args.skip:

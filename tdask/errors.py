@@ -49,6 +49,10 @@ class InvalidRequestError(TdaskError, ValueError):
     """The request itself is malformed: wrong dtype or shape, missing or extra tensors."""
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request's inputs are over the per-request size limit (``tdask.replica.max-request-bytes``)."""
+
+
 class OverloadedError(TdaskError):
     """Every replica's queue is full: the request was rejected at once, not queued."""
 
@@ -89,7 +93,8 @@ class TritonServerError(TdaskError):
 
 
 _BY_NAME: dict[str, type[TdaskError]] = {cls.__name__: cls for cls in (
-    TdaskError, ConfigError, PlacementError, OperatorNotFoundError, InvalidRequestError, OverloadedError,
+    TdaskError, ConfigError, PlacementError, OperatorNotFoundError, InvalidRequestError, RequestTooLargeError,
+    OverloadedError,
     ReplicaUnavailableError, RequestTimeoutError, ProtocolError, OperatorError, TritonError, TritonServerError)}
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from distributed.protocol import Serialize, to_serialize
 
 from tdask import config
-from tdask.errors import InvalidRequestError
+from tdask.errors import InvalidRequestError, RequestTooLargeError
 
 _REF = "__tdask_ref__"
 
@@ -88,12 +88,14 @@ def nbytes(value: Any) -> int:
     return int(getattr(value, "nbytes", 0))
 
 
-def check_request_size(inputs: dict[str, Any], request_id: str) -> None:
-    """Reject a request over ``tdask.replica.max-request-bytes`` (checked by callers and replicas)."""
+def check_request_size(inputs: dict[str, Any], request_id: str, limit: int | None = None) -> None:
+    """Reject a request over ``limit`` bytes, by default ``tdask.replica.max-request-bytes`` (checked by callers,
+    front doors and replicas)."""
     size = sum(nbytes(v) for v in inputs.values())
-    limit = int(config.get("replica.max-request-bytes"))
+    if limit is None:
+        limit = int(config.get("replica.max-request-bytes"))
     if size > limit:
-        raise InvalidRequestError(
+        raise RequestTooLargeError(
             f"request {request_id}: inputs are {size} bytes, over the per-request limit of {limit} bytes "
             "(tdask.replica.max-request-bytes)"
         )

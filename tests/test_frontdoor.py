@@ -127,12 +127,12 @@ def _error(call) -> tuple[str, str]:
 
 
 def test_each_error_maps_to_the_protocols_status():
-    from tdask.errors import OperatorError, TritonError
+    from tdask.errors import OperatorError, RequestTooLargeError, TritonError
 
     assert kserve.status_of(TritonError("x", status="StatusCode.INVALID_ARGUMENT")) == (400, "INVALID_ARGUMENT")
     assert kserve.status_of(TritonError("x", status="StatusCode.UNAVAILABLE")) == (503, "UNAVAILABLE")
     assert kserve.status_of(OperatorError("bug")) == (500, "INTERNAL")
-    assert kserve.status_of(kserve.SizeLimitError("big")) == (413, "RESOURCE_EXHAUSTED")
+    assert kserve.status_of(RequestTooLargeError("big")) == (413, "RESOURCE_EXHAUSTED")
 
 
 def test_client_mistakes_get_400_or_invalid_argument_with_the_reason(door):

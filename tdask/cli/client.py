@@ -17,7 +17,14 @@ import numpy as np
 from tqdm import tqdm
 
 from tdask import config
-from tdask.cli.options import check_protocol, non_negative_float, parameter, positive_float, positive_int
+from tdask.cli.options import (
+    add_scheduler_options,
+    check_protocol,
+    non_negative_float,
+    parameter,
+    positive_float,
+    positive_int,
+)
 from tdask.compat import TimeoutErrors
 from tdask.deploy.cluster import announced, announced_scheduler_address
 from tdask.errors import TdaskError
@@ -27,9 +34,7 @@ from tdask.session import RemoteOperator, Session, connect
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tdask.client", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--scheduler-address", default=None,
-                   help="scheduler to use (default: the embedded deploy's announced address, else "
-                        "tcp://127.0.0.1:8786)")
+    add_scheduler_options(p)
     p.add_argument("--operator", default="encoder_decoder",
                    help="operator to call: any deployed one; its inputs are made from its metadata (datatypes, "
                         "shapes: each -1 takes the input size), answers of the hello world's are checked")
@@ -54,8 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="request parameter, e.g. input_copies=2 or delay=0.001 (repeatable)")
     p.add_argument("--timeout", type=positive_float, default=None,
                    help="per-request timeout in seconds (default: tdask.request.timeout)")
-    p.add_argument("--connect-timeout", type=positive_float, default=5.0,
-                   help="seconds to reach the scheduler before giving up")
     p.add_argument("--output-device", choices=("cpu", "gpu"), default=None,
                    help="have outputs come back as NumPy (cpu) or stay CuPy arrays on the GPU (gpu); "
                         "default: as the operator produced them")

@@ -20,7 +20,7 @@ from distributed import Client
 from distributed.protocol import pickle
 
 from tdask.cli.frontdoor import add_front_door_options, start_front_door
-from tdask.cli.options import at_least, check_protocol, positive_float
+from tdask.cli.options import at_least, check_protocol, positive_float, reach_scheduler
 from tdask.cli.options import device as _device
 from tdask.cli.options import non_negative_float as _non_negative_float
 from tdask.cli.options import positive_int as _positive
@@ -207,11 +207,8 @@ def print_replica(info: dict[str, Any]) -> None:
 async def detached(args: argparse.Namespace) -> int:
     """``--detach``, ``--list`` and ``--remove``: ask the scheduler's :class:`DeploymentsPlugin`, then exit."""
     address = args.scheduler_address
-    try:
-        client = await Client(address, asynchronous=True, timeout=args.connect_timeout)
-    except (OSError, *TimeoutErrors) as e:
-        print(f"Error: cannot reach the scheduler at {address} within {args.connect_timeout:g} s: {e}",
-              file=sys.stderr, flush=True)
+    client = await reach_scheduler(address, args.connect_timeout)
+    if client is None:
         return 1
     try:
         await client.register_plugin(DeploymentsPlugin())  # once per scheduler: registering again changes nothing
@@ -259,6 +256,7 @@ async def serve(args: argparse.Namespace) -> int:
     if args.detach or args.list or args.remove:
         return await detached(args)
     configs = operator_configs(args)
+    door_from_file = spec.front_door(args.config) if args.config else None
     settings = worker_settings(args)
     dask.config.set(settings)
     stop = asyncio.Event()
@@ -283,11 +281,8 @@ async def serve(args: argparse.Namespace) -> int:
         address = args.scheduler_address
     exit_code = 0
     try:
-        try:
-            client = await Client(address, asynchronous=True, direct_to_workers=True, timeout=args.connect_timeout)
-        except (OSError, *TimeoutErrors) as e:
-            print(f"Error: cannot reach the scheduler at {address} within {args.connect_timeout:g} s: {e}",
-                  file=sys.stderr, flush=True)
+        client = await reach_scheduler(address, args.connect_timeout, direct_to_workers=True)
+        if client is None:
             return 1
         lost = asyncio.ensure_future(scheduler_lost(client, args.connect_timeout))
         try:
@@ -308,8 +303,7 @@ async def serve(args: argparse.Namespace) -> int:
                     for info in start.result():
                         print_replica(info)
                     if not args.no_front_door:
-                        door = await start_front_door(
-                            client, args, spec.front_door(args.config) if args.config else None)
+                        door = await start_front_door(client, args, door_from_file)
                         if cluster is not None:  # the client's --protocol http|grpc finds it
                             write_address_file(address, cluster.dashboard_link, http=door.http_url,
                                                grpc=door.grpc_address)

@@ -14,8 +14,7 @@ from typing import Any
 from distributed import Client
 
 from tdask import config
-from tdask.cli.options import at_least, positive_float
-from tdask.compat import TimeoutErrors
+from tdask.cli.options import add_scheduler_options, at_least, reach_scheduler
 from tdask.deploy.cluster import announced_scheduler_address
 from tdask.errors import TdaskError
 from tdask.frontdoor import FrontDoor
@@ -69,11 +68,7 @@ async def start_front_door(client: Client, args: argparse.Namespace,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tdask-frontdoor", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--scheduler-address", default=None,
-                   help="the deployment's scheduler (default: the embedded deploy's announced address, else "
-                        "tcp://127.0.0.1:8786)")
-    p.add_argument("--connect-timeout", type=positive_float, default=5.0,
-                   help="seconds to reach the scheduler before giving up")
+    add_scheduler_options(p)
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     add_front_door_options(p, optional=False)
     return p
@@ -85,11 +80,8 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        client = await Client(address, asynchronous=True, direct_to_workers=True, timeout=args.connect_timeout)
-    except (OSError, *TimeoutErrors) as e:
-        print(f"Error: cannot reach the scheduler at {address} within {args.connect_timeout:g} s: {e}",
-              file=sys.stderr, flush=True)
+    client = await reach_scheduler(address, args.connect_timeout, direct_to_workers=True)
+    if client is None:
         return 1
     try:
         door = await start_front_door(client, args)

@@ -1,12 +1,17 @@
-"""Option types the command lines share: every value is checked by argparse, with a one-line error."""
+"""What the command lines share: option types (every value checked by argparse, with a one-line error), the
+scheduler options, and reaching the scheduler."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import dask.config
+from distributed import Client
+
+from tdask.compat import TimeoutErrors
 
 
 def at_least(cast: type, minimum: float, what: str, strictly: bool = False) -> Callable[[str], Any]:
@@ -64,3 +69,22 @@ def check_protocol(protocol: str) -> str | None:
             return ("--protocol ucx needs tdask's UCX extra, which is not installed: pip install 'tdask[ucx-cu12]' "
                     "(CUDA 12) or 'tdask[ucx-cu13]' (CUDA 13)")
     return None
+
+
+def add_scheduler_options(p: argparse.ArgumentParser) -> None:
+    """``--scheduler-address`` (default: the embedded deploy's) and ``--connect-timeout``."""
+    p.add_argument("--scheduler-address", default=None,
+                   help="scheduler to use (default: the embedded deploy's announced address, else "
+                        "tcp://127.0.0.1:8786)")
+    p.add_argument("--connect-timeout", type=positive_float, default=5.0,
+                   help="seconds to reach the scheduler before giving up")
+
+
+async def reach_scheduler(address: str, timeout: float, **kwargs: Any) -> Client | None:
+    """An async client of the scheduler at ``address``; None once it said on stderr why there is none."""
+    try:
+        return await Client(address, asynchronous=True, timeout=timeout, **kwargs)
+    except (OSError, *TimeoutErrors) as e:
+        print(f"Error: cannot reach the scheduler at {address} within {timeout:g} s: {e}", file=sys.stderr,
+              flush=True)
+        return None

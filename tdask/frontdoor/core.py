@@ -16,8 +16,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from tdask import config
 from tdask.errors import InvalidRequestError, OperatorNotFoundError
 from tdask.frontdoor import kserve
+from tdask.registry import operator_key
 from tdask.session import RemoteOperator, Session
 from tdask.session.futures import new_request_id
+from tdask.tensors import check_request_size
 
 logger = logging.getLogger("tdask.frontdoor")
 
@@ -87,7 +89,7 @@ class FrontDoorCore:
     async def metadata(self, model: str, version: str | int | None = None) -> dict[str, Any]:
         op = await self.operator(model, version)
         declared = op.record.get("metadata") or {}
-        versions = await self.session.lookup(["tdask", "operators", model])
+        versions = await self.session.lookup(operator_key(model))
         return {
             "name": model,
             "versions": sorted((versions or {}), key=int),
@@ -111,13 +113,9 @@ class FrontDoorCore:
         """Check a decoded request against the operator's metadata and run it on tdask's request path."""
         op = await self.operator(model, version)
         kserve.check_inputs(model, op.record.get("metadata"), inputs)
-        size = sum(a.nbytes for a in inputs.values())
-        limit = self.max_request_bytes
-        if size > limit:
-            raise kserve.SizeLimitError(f"model {model!r}: inputs are {size} bytes, over the per-request limit of "
-                                        f"{limit} bytes (tdask.replica.max-request-bytes)")
-        timeout = kserve.timeout_of(parameters)
         rid = request_id or new_request_id()
+        check_request_size(inputs, rid, self.max_request_bytes)
+        timeout = kserve.timeout_of(parameters)
         result = await op.infer(inputs, kserve.operator_parameters(parameters), request_id=rid, timeout=timeout,
                                 output_device="cpu")
         outputs = {}

@@ -14,7 +14,7 @@ from tdask.errors import (
     OverloadedError,
     ReplicaUnavailableError,
     RequestTimeoutError,
-    TdaskError,
+    RequestTooLargeError,
     TritonError,
 )
 
@@ -31,13 +31,9 @@ RESERVED_PARAMETERS = ("binary_data_output", "timeout", "priority", "sequence_id
                        "triton_enable_empty_final_response")
 
 
-class SizeLimitError(InvalidRequestError):
-    """A request over the front door's size limit (HTTP 413, gRPC RESOURCE_EXHAUSTED)."""
-
-
 # status of each error: (HTTP status, gRPC status code name); the most specific class first
 _STATUS: list[tuple[type[BaseException], int, str]] = [
-    (SizeLimitError, 413, "RESOURCE_EXHAUSTED"),
+    (RequestTooLargeError, 413, "RESOURCE_EXHAUSTED"),
     (InvalidRequestError, 400, "INVALID_ARGUMENT"),
     (OperatorNotFoundError, 404, "NOT_FOUND"),
     (OverloadedError, 503, "UNAVAILABLE"),
@@ -57,9 +53,7 @@ def status_of(error: BaseException) -> tuple[int, str]:
         code = str(error.status).rpartition(".")[2]
         if code in _TRITON_STATUS:
             return _TRITON_STATUS[code], code
-    if isinstance(error, TdaskError):
-        return 500, "INTERNAL"
-    return 500, "INTERNAL"
+    return 500, "INTERNAL"  # an operator's own failure
 
 
 def datatype_of(dtype: np.dtype) -> str:

@@ -10,10 +10,10 @@ import os
 import socket
 import time
 import uuid
-from typing import Any
 
 import grpc
 from aiohttp import web
+from distributed.comm.addressing import unparse_host_port
 
 from tdask import config
 from tdask.errors import ConfigError
@@ -67,15 +67,11 @@ class FrontDoor:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self._display_host}:{self.http_port}"
+        return f"http://{unparse_host_port(self.host, self.http_port)}"
 
     @property
     def grpc_address(self) -> str:
-        return f"{self._display_host}:{self.grpc_port}"
-
-    @property
-    def _display_host(self) -> str:
-        return f"[{self.host}]" if ":" in self.host else self.host
+        return unparse_host_port(self.host, self.grpc_port)
 
     async def start(self) -> FrontDoor:
         sock = _listening_socket(self.host, self.http_port, "--http-port")
@@ -90,16 +86,13 @@ class FrontDoor:
                 ("grpc.so_reuseport", 0),
             ])
             self._grpc.add_generic_rpc_handlers((GrpcFrontDoor(self.core).handler(),))
-            try:
-                port = self._grpc.add_insecure_port(f"{self._display_host}:{self.grpc_port}")
+            reason = "address in use?"
+            try:  # grpcio raises, or (older releases) answers port 0, when it cannot bind
+                port = self._grpc.add_insecure_port(self.grpc_address)
             except RuntimeError as e:
-                port = 0
-                reason: Any = e
-            else:
-                reason = "address in use?"
+                port, reason = 0, str(e)
             if port == 0:
-                raise ConfigError(f"the front door cannot listen on {self.host}:{self.grpc_port} (--grpc-port): "
-                                  f"{reason}")
+                raise ConfigError(f"the front door cannot listen on {self.grpc_address} (--grpc-port): {reason}")
             self.grpc_port = port
             await self._grpc.start()
         except BaseException:

@@ -203,30 +203,27 @@ class TritonModelClient:
                 "http": self._http.stats()}
 
     async def model_metadata(self, model: str, version: str = "") -> dict[str, Any]:
-        """Triton's KServe v2 metadata of a loaded model (its config after auto-complete), shapes as integers."""
-        try:
-            md = await self.client.get_model_metadata(model, model_version=version, as_json=True)
-        except InferenceServerException as exc:
-            raise _triton_error(model, exc) from exc
-        tensors = lambda specs: [{"name": t["name"], "datatype": t["datatype"],  # noqa: E731
-                                  "shape": [int(d) for d in t.get("shape", [])]} for t in specs]
-        return {"platform": md.get("platform", ""), "inputs": tensors(md.get("inputs", [])),
-                "outputs": tensors(md.get("outputs", []))}
+        """Triton's KServe v2 metadata of a loaded model (its config after auto-complete), shapes as integers;
+        asked once per model and version."""
+        key = f"{model}:{version}"
+        md = self._metadata.get(key)
+        if md is None:
+            try:
+                raw = await self.client.get_model_metadata(model, model_version=version, as_json=True)
+            except InferenceServerException as exc:
+                raise _triton_error(model, exc) from exc
+            tensors = lambda specs: [{"name": t["name"], "datatype": t["datatype"],  # noqa: E731
+                                      "shape": [int(d) for d in t.get("shape", [])]} for t in specs]
+            md = self._metadata[key] = {"platform": raw.get("platform", ""), "inputs": tensors(raw.get("inputs", [])),
+                                        "outputs": tensors(raw.get("outputs", []))}
+        return md
 
     async def _shm_outputs(self, model: str, version: str, wanted: list[str] | None) -> list[tuple[str, bool]] | None:
         """(output name, variable size) for the model's outputs; None when shared memory cannot be used."""
-        key = f"{model}:{version}"
-        meta = self._metadata.get(key)
-        if meta is None:
-            try:
-                md = await self.client.get_model_metadata(model, model_version=version, as_json=True)
-            except InferenceServerException as exc:
-                raise _triton_error(model, exc) from exc
-            meta = self._metadata[key] = [
-                (o["name"], o["datatype"], [int(d) for d in o.get("shape", [])]) for o in md.get("outputs", [])
-            ]
+        meta = self._metadata.get(f"{model}:{version}") or await self.model_metadata(model, version)
         out = []
-        for name, datatype, shape in meta:
+        for tensor in meta["outputs"]:
+            name, datatype, shape = tensor["name"], tensor["datatype"], tensor["shape"]
             if wanted and name not in wanted:
                 continue
             if datatype == "BYTES":
