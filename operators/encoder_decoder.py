@@ -28,3 +28,28 @@ class EncoderDecoder(Operator):
                 request_id=request.request_id,
             )
             await request.respond({"output": decoded["output"]})
+
+
+class EncoderDecoderStream(Operator):
+    """The streaming pipeline: ``encoder``, then the decoupled ``decoder_stream``; each chunk it answers is passed
+    on as a response of its own (request parameter ``chunk_size``, elements per chunk)."""
+
+    inputs = EncoderDecoder.inputs
+    outputs = EncoderDecoder.outputs
+
+    async def setup(self) -> None:
+        self.encoder = await self.context.operator("encoder")
+        self.decoder = await self.context.operator("decoder_stream")
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            encoded = self.encoder.infer(
+                {"input": request.input("input")}, request.parameters,
+                request_id=request.request_id, keep="auto",
+            )
+            parameters = {**request.parameters, "input_copies": int((await encoded)["input_copies"].item())}
+            async with self.decoder.stream({"input": encoded.output("output")}, parameters,
+                                           request_id=request.request_id) as chunks:
+                async for chunk in chunks:
+                    await request.send({"output": chunk["output"]})
+            await request.end()

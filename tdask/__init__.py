@@ -27,7 +27,7 @@ from tdask.errors import (
     TritonServerError,
 )
 from tdask.operator import Operator, OperatorConfig, OperatorContext, Request
-from tdask.session import InferFuture, InferResult, RemoteOperator, Session, connect
+from tdask.session import InferFuture, InferResult, RemoteOperator, ResponseStream, Session, connect
 from tdask.tensors import TensorRef
 from tdask.triton.operator import TritonCoreOperator
 from tdask.worker.plugin import TdaskWorkerPlugin
@@ -49,6 +49,7 @@ __all__ = [
     "RemoteOperator",
     "ReplicaUnavailableError",
     "Request",
+    "ResponseStream",
     "RequestTimeoutError",
     "RequestTooLargeError",
     "Session",

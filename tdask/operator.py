@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 import sys
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -139,21 +141,92 @@ class OperatorConfig:
         }
 
 
+class ResponseSink(Protocol):
+    """Where the responses of a streamed request go: a :class:`ResponseChannel` in the caller's process, or the
+    request stream to a caller elsewhere. ``put`` waits while the caller has ``tdask.request.stream-window``
+    responses it has not read yet."""
+
+    async def put(self, outputs: dict[str, Any] | None, final: bool) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+
+class ResponseChannel:
+    """The responses of one streamed request in the process that reads them: at most ``capacity`` wait, and
+    :meth:`put` waits for room (a slow reader slows its producer instead of filling memory). ``None`` outputs
+    with ``final`` end the stream without a response; :meth:`fail` ends it with an error."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.items: deque[tuple[dict[str, Any] | None, bool, BaseException | None]] = deque()
+        self.ended = False
+        self.most_buffered = 0  # the most responses that ever waited here (tests read it)
+        self._reader: asyncio.Future | None = None
+        self._room: asyncio.Future | None = None
+
+    async def put(self, outputs: dict[str, Any] | None, final: bool) -> None:
+        while len(self.items) >= self.capacity and not self.ended:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+        if self.ended:  # the reader went away: nothing more is read
+            raise asyncio.CancelledError("the stream's reader is gone")
+        self._push((outputs, final, None))
+        self.ended = final
+
+    def fail(self, error: BaseException) -> None:
+        if not self.ended:
+            self._push((None, True, error))
+            self.ended = True
+
+    def push(self, outputs: dict[str, Any] | None, final: bool, error: BaseException | None = None) -> None:
+        """Without waiting (the request stream's reader: its sender was given room beforehand)."""
+        if not self.ended:
+            self._push((outputs, final or error is not None, error))
+            self.ended = final or error is not None
+
+    def _push(self, item: tuple[dict[str, Any] | None, bool, BaseException | None]) -> None:
+        self.items.append(item)
+        self.most_buffered = max(self.most_buffered, len(self.items))
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+
+    async def get(self) -> tuple[dict[str, Any] | None, bool, BaseException | None]:
+        """The next ``(outputs, final, error)``."""
+        while not self.items:
+            self._reader = asyncio.get_running_loop().create_future()
+            await self._reader
+        item = self.items.popleft()
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+        return item
+
+    def close(self) -> None:
+        """The reader stops: a producer waiting for room stops too."""
+        self.ended = True
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+
+
 class Request:
     """One request as an operator sees it: named input tensors, parameters and an id.
 
-    The operator answers each request exactly once, with :meth:`respond` or :meth:`fail`.
+    The operator answers with :meth:`respond` (one response), or, to a caller that streams it
+    (:meth:`tdask.RemoteOperator.stream`), with any number of :meth:`send` and then a final one or :meth:`end`;
+    :meth:`fail` ends it with an error, also after responses were sent.
     """
 
-    __slots__ = ("request_id", "inputs", "parameters", "_outputs", "_error", "_done")
+    __slots__ = ("request_id", "inputs", "parameters", "_outputs", "_error", "_done", "_sink", "sent")
 
-    def __init__(self, request_id: str, inputs: dict[str, Any], parameters: dict[str, Any]) -> None:
+    def __init__(self, request_id: str, inputs: dict[str, Any], parameters: dict[str, Any],
+                 sink: ResponseSink | None = None) -> None:
         self.request_id = request_id
         self.inputs = inputs
         self.parameters = parameters
         self._outputs: dict[str, Any] | None = None
         self._error: BaseException | None = None
         self._done = False
+        self._sink = sink  # None: the caller waits for a single answer (infer)
+        self.sent = 0  # responses sent
 
     def input(self, name: str) -> Any:
         """The input tensor ``name``; a clear error when the caller did not send it."""
@@ -164,15 +237,41 @@ class Request:
                 f"request {self.request_id}: missing input tensor {name!r} (got {sorted(self.inputs)})"
             ) from None
 
-    async def respond(self, outputs: Mapping[str, Any]) -> None:
-        """Send the output tensors back to the caller."""
+    @property
+    def streamed(self) -> bool:
+        """Whether the caller takes several responses (it called ``stream()``)."""
+        return self._sink is not None
+
+    async def send(self, outputs: Mapping[str, Any], final: bool = False) -> None:
+        """Send one response; ``final`` ends the request. Waits while the caller has not read earlier ones."""
         if self._done:
             raise RuntimeError(f"request {self.request_id} was already answered")
-        self._outputs = dict(outputs)
+        if self._sink is None:
+            if not final:
+                raise InvalidRequestError(f"request {self.request_id} is answered with several responses: call the "
+                                          "operator with stream(), not infer()")
+            self._outputs = dict(outputs)
+            self._done = True
+            return
+        self._done = final
+        await self._sink.put(dict(outputs), final)
+        self.sent += 1
+
+    async def respond(self, outputs: Mapping[str, Any]) -> None:
+        """Send the output tensors back to the caller: the one (or last) response."""
+        await self.send(outputs, final=True)
+
+    async def end(self) -> None:
+        """End a streamed request after the responses sent (no final response of its own)."""
+        if self._done:
+            raise RuntimeError(f"request {self.request_id} was already answered")
+        if self._sink is None:
+            raise InvalidRequestError(f"request {self.request_id} ended without a response")
         self._done = True
+        await self._sink.put(None, True)
 
     def fail(self, error: BaseException) -> None:
-        """Answer the request with an error instead of outputs."""
+        """Answer the request with an error instead of outputs (a stream ends with it)."""
         if self._done:
             raise RuntimeError(f"request {self.request_id} was already answered")
         self._error = error

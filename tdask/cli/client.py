@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-device", choices=("cpu", "gpu"), default=None,
                    help="have outputs come back as NumPy (cpu) or stay CuPy arrays on the GPU (gpu); "
                         "default: as the operator produced them")
+    p.add_argument("--stream", action="store_true",
+                   help="stream each request (several responses per request, e.g. encoder_decoder_stream): report "
+                        "responses per request, time to first response and time between responses, and check the "
+                        "concatenated answer")
     p.add_argument("--seed", type=int, default=0, help="random seed for input sizes and values")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the summary as JSON to FILE ('-': stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -73,14 +77,18 @@ class ClientStats:
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     wrong: int = 0
+    # --stream: responses per request, times to first response and between responses (seconds)
+    responses: list[int] = field(default_factory=list)
+    first: list[float] = field(default_factory=list)
+    between: list[float] = field(default_factory=list)
 
 
-HELLO_WORLD = ("encoder_decoder", "encoder", "decoder")
+HELLO_WORLD = ("encoder_decoder", "encoder", "decoder", "encoder_decoder_stream", "decoder_stream")
 
 
 def expected_output(operator: str, x: np.ndarray, copies: int) -> np.ndarray | None:
     """What a correct answer is, for the hello-world operators; None when unknown."""
-    if operator == "encoder_decoder":
+    if operator in ("encoder_decoder", "encoder_decoder_stream", "decoder_stream"):
         return x
     if operator == "encoder":
         return ~np.repeat(x, copies)
@@ -91,7 +99,7 @@ def expected_output(operator: str, x: np.ndarray, copies: int) -> np.ndarray | N
 
 def make_input(operator: str, x: np.ndarray, copies: int) -> np.ndarray:
     # the decoder alone is fed what the encoder would have produced
-    return ~np.repeat(x, copies) if operator == "decoder" else x
+    return ~np.repeat(x, copies) if operator in ("decoder", "decoder_stream") else x
 
 
 def generated(spec: dict[str, Any], size: int, rng: np.random.Generator) -> np.ndarray:
@@ -120,6 +128,11 @@ class Caller:
         """The answer's outputs, and who answered."""
         raise NotImplementedError
 
+    async def stream(self, inputs: dict[str, np.ndarray], params: dict[str, Any], request_id: str,
+                     args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[float], str]:
+        """Each response's outputs and when it came (``time.perf_counter()``), and who answered."""
+        raise NotImplementedError
+
     async def close(self) -> None:
         """Release the connection."""
 
@@ -135,6 +148,17 @@ class DaskCaller(Caller):
         outputs = {k: (v.get() if hasattr(v, "__cuda_array_interface__") else v)  # checked on the host
                    for k, v in result.outputs.items()}
         return outputs, f"{result.replica}@{result.worker}"
+
+    async def stream(self, inputs, params, request_id, args):  # noqa: ANN001, ANN201 - as Caller.stream
+        outputs, times, who = [], [], None
+        async with self.op.stream(inputs, params, request_id=request_id, timeout=args.timeout,
+                                  output_device=args.output_device) as responses:
+            async for result in responses:
+                times.append(time.perf_counter())
+                outputs.append({k: (v.get() if hasattr(v, "__cuda_array_interface__") else v)
+                                for k, v in result.outputs.items()})
+                who = f"{result.replica}@{result.worker}"
+        return outputs, times, who
 
     async def close(self) -> None:
         await self.session.close()
@@ -152,6 +176,7 @@ class FrontDoorCaller(Caller):
         self.url = url
         self.client = module.InferenceServerClient(url)
         self.metadata: dict[str, Any] = {}
+        self._http: Any = None  # aiohttp, for server-sent events
 
     async def describe(self, model: str, version: int | None) -> None:
         from tritonclient.utils import InferenceServerException
@@ -182,8 +207,61 @@ class FrontDoorCaller(Caller):
         names = [o["name"] if isinstance(o, dict) else o.name for o in outputs]
         return {n: answer.as_numpy(n) for n in names}, self.url
 
+    async def stream(self, inputs, params, request_id, args):  # noqa: ANN001, ANN201 - as Caller.stream
+        if self.module.__name__.endswith("http.aio"):
+            return await self._sse(inputs, params, request_id, args)
+        from tdask.frontdoor.kserve import datatype_of
+
+        tensors = []
+        for name, value in inputs.items():
+            tensor = self.module.InferInput(name, list(value.shape), datatype_of(value.dtype))
+            tensor.set_data_from_numpy(value)
+            tensors.append(tensor)
+
+        async def one_request():  # noqa: ANN202 - the stream's requests: this one
+            yield {"model_name": args.operator, "model_version": str(args.operator_version or ""),
+                   "inputs": tensors, "request_id": request_id, "parameters": params or None}
+
+        outputs, times = [], []
+        async for answer, error in self.client.stream_infer(one_request(), stream_timeout=args.timeout):
+            if error is not None:
+                raise TdaskError(f"front door {self.url}: {error.message()}")
+            names = [o.name for o in answer.get_response().outputs]
+            times.append(time.perf_counter())
+            outputs.append({n: answer.as_numpy(n) for n in names})
+        return outputs, times, self.url
+
+    async def _sse(self, inputs, params, request_id, args):  # noqa: ANN001, ANN202 - as Caller.stream
+        """Triton's generate extension: server-sent events from ``generate_stream``."""
+        import aiohttp
+
+        from tdask.frontdoor.kserve import DTYPES
+
+        if self._http is None:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=args.timeout))
+        version = f"/versions/{args.operator_version}" if args.operator_version else ""
+        body = {name: value.tolist() for name, value in inputs.items()}
+        body.update({"id": request_id, "parameters": params})
+        outputs, times = [], []
+        async with self._http.post(f"http://{self.url}/v2/models/{args.operator}{version}/generate_stream",
+                                   json=body) as answer:
+            if answer.status != 200:
+                raise TdaskError(f"front door {self.url}: HTTP {answer.status}: {await answer.text()}")
+            async for line in answer.content:
+                if not line.startswith(b"data:"):
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise TdaskError(f"front door {self.url}: {event['error']}")
+                times.append(time.perf_counter())
+                outputs.append({spec["name"]: np.asarray(event[spec["name"]], dtype=DTYPES[spec["datatype"]])
+                                for spec in self.metadata.get("outputs", []) if spec["name"] in event})
+        return outputs, times, self.url
+
     async def close(self) -> None:
         await self.client.close()
+        if self._http is not None:
+            await self._http.close()
 
 
 _request_ids = itertools.count()
@@ -219,8 +297,21 @@ async def run_client(index: int, caller: Caller, args: argparse.Namespace, stats
         error: Any = None
         who = None
         try:
-            outputs, who = await caller.call(inputs, params, request_id, args)
-            if expected is not None:
+            if args.stream:
+                responses, times, who = await caller.stream(inputs, params, request_id, args)
+                stats.responses.append(len(responses))
+                if times:
+                    stats.first.append(times[0] - start)
+                    stats.between.extend(np.diff(times).tolist())
+                outputs = {name: np.concatenate([r[name] for r in responses])
+                           for name in (responses[0] if responses else {})}
+            else:
+                outputs, who = await caller.call(inputs, params, request_id, args)
+            if expected is not None and args.stream and not outputs:
+                stats.wrong += 1
+                error = "no response"
+                stats.errors.append(error)
+            elif expected is not None:
                 output = outputs["output"]
                 if not (output.shape == expected.shape and np.array_equal(output, expected)):
                     stats.wrong += 1
@@ -252,7 +343,16 @@ def _latency_summary(latencies_s: Sequence[float]) -> dict[str, float]:
 def summarize(stats: Sequence[ClientStats], total_time: float) -> dict[str, Any]:
     n = sum(len(s.latencies) for s in stats)
     errors = sum(len(s.errors) for s in stats)
+    streamed = [c for s in stats for c in s.responses]
+    extra = {}
+    if streamed:
+        extra["stream"] = {
+            "responses_per_request": float(np.mean(streamed)),
+            "first_response_ms": _latency_summary([t for s in stats for t in s.first]),
+            "between_responses_ms": _latency_summary([t for s in stats for t in s.between]),
+        }
     return {
+        **extra,
         "requests": n,
         "errors": errors,
         "wrong": sum(s.wrong for s in stats),
@@ -338,6 +438,12 @@ async def amain(args: argparse.Namespace) -> int:
             print(f"Error: {err}")
     lat = summary["latency_ms"]
     print(summary_table(summary))
+    if "stream" in summary:
+        st = summary["stream"]
+        first, between = st["first_response_ms"], st["between_responses_ms"]
+        print(f"Responses per request: {st['responses_per_request']:.2f} "
+              f"First response p50: {first['p50']:.2f} ms p99: {first['p99']:.2f} ms "
+              f"Between responses p50: {between['p50']:.2f} ms p99: {between['p99']:.2f} ms")
     print(f"Requests: {summary['requests']} Errors: {summary['errors']} "
           f"Latency p50: {lat['p50']:.2f} ms p90: {lat['p90']:.2f} ms p99: {lat['p99']:.2f} ms")
     if args.json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder-delay-per-token", type=_non_negative_float, default=0.0,
                    help="decoder sleep per input element, seconds")
     g.add_argument("--encoder-input-copies", type=_positive, default=1, help="encoder's input_copies")
+    g.add_argument("--streaming", action="store_true",
+                   help="also deploy the streaming pair: decoder_stream (a decoupled Triton model answering the "
+                        "decoded output in chunks of the request parameter chunk_size, default 1000) and "
+                        "encoder_decoder_stream (encoder, then decoder_stream, each chunk a response); decoder_stream "
+                        "takes the decoder's settings, encoder_decoder_stream encoder_decoder's")
     o = p.add_argument_group("any operators (instead of the hello world)")
     o.add_argument("--model-repository", default=None, metavar="DIR",
                    help="serve every model of this Triton model repository (each <name>/config.pbtxt) as an operator "
@@ -184,7 +190,13 @@ def hello_world_configs(args: argparse.Namespace) -> list[OperatorConfig]:
         replicas=args.encoder_decoder_replicas or replicas,
         max_inflight=args.encoder_decoder_max_inflight or max_inflight,
     )
-    return [encoder, decoder, encoder_decoder]
+    if not args.streaming:
+        return [encoder, decoder, encoder_decoder]
+    decoder_stream = dataclasses.replace(decoder, name="decoder_stream",
+                                         parameters={"delay": args.decoder_delay_per_token})
+    encoder_decoder_stream = dataclasses.replace(encoder_decoder, name="encoder_decoder_stream",
+                                                 implementation="encoder_decoder:EncoderDecoderStream")
+    return [encoder, decoder, encoder_decoder, decoder_stream, encoder_decoder_stream]
 
 
 def worker_settings(args: argparse.Namespace) -> dict[str, Any]:

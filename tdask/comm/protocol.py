@@ -10,7 +10,9 @@ that showed the token. Nothing else is read or sent before.
 
 After the hello, every message is a dict. A message the caller sends has an ``"op"`` from
 :data:`MESSAGES`; one that expects an answer carries an ``"id"``, and its answer carries the same
-``"id"`` and no ``"op"``. The worker sends unasked only what :data:`MESSAGES` lists as the worker's.
+``"id"`` and no ``"op"`` (a streamed request gets several, the last with ``"final"``; the worker sends at most
+``window`` of them beyond those the caller acknowledged with ``credit``). The worker sends unasked only what
+:data:`MESSAGES` lists as the worker's.
 Errors in answers are ``{"error": ...}`` fields made by :func:`tdask.errors.to_wire`.
 """
 
@@ -30,6 +32,9 @@ STATS_HANDLER = "tdask_stats"  # the worker's replicas' and Triton servers' coun
 
 HELLO = "hello"
 INFER = "infer"
+STREAM = "stream"
+CREDIT = "credit"
+CANCEL = "cancel"
 FETCH = "fetch"
 RELEASE = "release"
 LEASE = "lease"
@@ -50,6 +55,11 @@ MESSAGES: dict[str, Message] = {
                            "token (the worker's); the worker's: error (why it refuses the stream)", ""),
     INFER: Message("caller", "id, replica, request_id, inputs, parameters, keep, output_device",
                    "outputs (tensors or kept references) or error"),
+    STREAM: Message("caller", "id, replica, request_id, inputs, parameters, output_device, window (responses it may "
+                              "send unread)", "several: outputs (None: the end without a response) and final, or "
+                              "error (ends it)"),
+    CREDIT: Message("caller", "id, count (responses of stream id read: room for as many more)", ""),
+    CANCEL: Message("caller", "id (the stream's reader stopped: its request is cancelled)", ""),
     FETCH: Message("caller", "id, keys (tensors kept on the worker)", "tensors by key, or error"),
     RELEASE: Message("caller", "keys (kept tensors no longer referenced)", ""),
     LEASE: Message("caller", "id, replica, slots (tdask.worker.lanes)", "granted, lane (the replica's server)"),

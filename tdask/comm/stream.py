@@ -17,7 +17,8 @@ from tdask import config
 from tdask.comm import protocol, tcp
 from tdask.comm.writer import CoalescingWriter
 from tdask.compat import TimeoutErrors
-from tdask.errors import ProtocolError, ReplicaUnavailableError
+from tdask.errors import ProtocolError, ReplicaUnavailableError, from_wire
+from tdask.operator import ResponseChannel
 from tdask.shm.lending import Landing
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class WorkerStream:
         self.landing = landing  # where large frames of the answers are received (plain-socket streams only)
         self.listener = listener
         self.pending: dict[int, asyncio.Future] = {}
+        self.receiving: dict[int, ResponseChannel] = {}  # streamed requests' responses, by call id
         self.comm: Any = None
         self.sender: CoalescingWriter | None = None
         self._reader: asyncio.Task | None = None
@@ -168,6 +170,20 @@ class WorkerStream:
         finally:
             self.pending.pop(call_id, None)
 
+    async def stream(self, msg: dict[str, Any], channel: ResponseChannel) -> int:
+        """Send a streamed request whose responses go to ``channel`` as they arrive; returns its call id (what
+        ``credit`` and ``cancel`` name)."""
+        sender = await self._ensure()
+        call_id = next(_ids)
+        msg["id"] = call_id
+        self.receiving[call_id] = channel
+        try:
+            sender.send(msg)
+        except CommClosedError as e:  # before it was sent
+            self.receiving.pop(call_id, None)
+            raise ReplicaUnavailableError(f"connection to worker {self.address} closed: {e}", retryable=True) from e
+        return call_id
+
     def send(self, msg: dict[str, Any]) -> None:
         """Fire and forget (releases); dropped when the stream is down."""
         if self.sender is not None and not self.comm.closed():
@@ -195,10 +211,21 @@ class WorkerStream:
                 self.listener.pushed(self.address, msg)
             return
         fut = self.pending.pop(msg.get("id"), None)
-        if fut is not None and not fut.done():
-            fut.set_result(msg)
+        if fut is not None:
+            if not fut.done():
+                fut.set_result(msg)
+            return
+        channel = self.receiving.get(msg.get("id"))
+        if channel is not None:
+            error = msg.get("error")
+            if error is not None or msg.get("final"):
+                del self.receiving[msg["id"]]
+            channel.push(msg.get("outputs"), bool(msg.get("final")), from_wire(error) if error is not None else None)
 
     def fail_all(self, error: Exception) -> None:
+        receiving, self.receiving = self.receiving, {}
+        for channel in receiving.values():
+            channel.push(None, True, error)
         pending, self.pending = self.pending, {}
         for fut in pending.values():
             if not fut.done():

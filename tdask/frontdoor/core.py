@@ -17,7 +17,7 @@ from tdask import config
 from tdask.errors import InvalidRequestError, OperatorNotFoundError
 from tdask.frontdoor import kserve
 from tdask.registry import operator_key
-from tdask.session import RemoteOperator, Session
+from tdask.session import InferResult, RemoteOperator, ResponseStream, Session
 from tdask.session.futures import new_request_id
 from tdask.tensors import check_request_size
 
@@ -52,6 +52,13 @@ class FrontDoorCore:
                                  ["protocol", "model"], registry=self.registry,
                                  buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                                           5, 10, 30, 60, 120))
+        self.responses = Counter("tdask_frontdoor_stream_responses", "Responses of streamed requests sent",
+                                 ["protocol", "model"], registry=self.registry)
+        self.first_response = Histogram("tdask_frontdoor_first_response_seconds",
+                                        "Streamed requests' time to first response (receipt to first response)",
+                                        ["protocol", "model"], registry=self.registry,
+                                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                                 2.5, 5, 10, 30, 60, 120))
         self.stats: dict[tuple[str, int], ModelStats] = {}
         try:
             self.version = importlib.metadata.version("tdask")
@@ -118,12 +125,36 @@ class FrontDoorCore:
         timeout = kserve.timeout_of(parameters)
         result = await op.infer(inputs, kserve.operator_parameters(parameters), request_id=rid, timeout=timeout,
                                 output_device="cpu")
+        return op, self.outputs_of(model, result), rid
+
+    async def stream(self, model: str, version: str | int | None, inputs: dict[str, np.ndarray],
+                     parameters: Mapping[str, Any], request_id: str | None,
+                     ) -> tuple[RemoteOperator, ResponseStream, str]:
+        """Like :meth:`infer`, for a request answered with a sequence of responses (one for most operators);
+        the protocol's ``timeout`` bounds the wait for each response."""
+        op = await self.operator(model, version)
+        kserve.check_inputs(model, op.record.get("metadata"), inputs)
+        rid = request_id or new_request_id()
+        check_request_size(inputs, rid, self.max_request_bytes)
+        responses = op.stream(inputs, kserve.operator_parameters(parameters), request_id=rid,
+                              timeout=kserve.timeout_of(parameters), output_device="cpu")
+        return op, responses, rid
+
+    @staticmethod
+    def outputs_of(model: str, result: InferResult) -> dict[str, np.ndarray]:
+        """An answer's outputs as the protocols send them (little-endian arrays)."""
         outputs = {}
         for name, value in result.outputs.items():
             if not isinstance(value, np.ndarray):  # an operator answered something that is not a tensor
                 raise InvalidRequestError(f"model {model!r}: output {name!r} is {type(value).__name__}, not a tensor")
             outputs[name] = kserve.little_endian(value)
-        return op, outputs, rid
+        return outputs
+
+    def responded(self, protocol: str, op: RemoteOperator, started: float, first: bool) -> None:
+        """Count one response of a streamed request (and its time to first response)."""
+        self.responses.labels(protocol, op.name).inc()
+        if first:
+            self.first_response.labels(protocol, op.name).observe(time.perf_counter() - started)
 
     def record(self, protocol: str, op: RemoteOperator | None, status: str, ok: bool, started: float,
                request_id: str | None = None, error: BaseException | None = None) -> None:
@@ -159,7 +190,10 @@ class FrontDoorCore:
                     key = f"{sample.labels['protocol']} {sample.labels['status']}"
                     by_status[key] = by_status.get(key, 0) + int(sample.value)
         models = {f"{name} v{v}": s.success + s.fail for (name, v), s in self.stats.items()}
-        return {"by_status": by_status, "by_model": models}
+        responses = sum(int(sample.value) for metric in self.responses.collect() for sample in metric.samples
+                        if sample.name.endswith("_total"))
+        return {"by_status": by_status, "by_model": models, "stream_responses": responses,
+                "first_response_p50_ms": _median_ms(self.first_response)}
 
     def statistics(self, model: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
         """This front door's counts in the shape of Triton's ``/v2/models/{name}/stats``."""
@@ -174,3 +208,20 @@ class FrontDoorCore:
                                     "fail": {"count": s.fail, "ns": s.fail_ns}},
             })
         return out
+
+
+def _median_ms(histogram: Histogram) -> float | None:
+    """A histogram's median over every label, in milliseconds (the upper bound of its bucket); None when empty."""
+    counts: dict[float, float] = {}
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_bucket"):
+                bound = float(sample.labels["le"])
+                counts[bound] = counts.get(bound, 0) + sample.value
+    total = counts.get(float("inf"), 0)
+    if not total:
+        return None
+    for bound in sorted(counts):
+        if counts[bound] >= total / 2:
+            return bound * 1e3 if bound != float("inf") else None
+    return None

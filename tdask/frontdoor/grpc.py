@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -197,24 +197,57 @@ class GrpcFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):
             await _abort(context, error)
         return response
 
+    async def _stream(self, request: pb.ModelInferRequest,
+                      put: Callable[[pb.ModelStreamInferResponse], Awaitable[None]]) -> None:
+        """One request of a stream: each of its responses as the operator sends it, with its request's id; the last
+        one marked ``triton_final_response`` (an empty one when the operator ended without a response) where the
+        client asked for it, as Triton does for decoupled models. An error ends it in band."""
+        started = time.perf_counter()
+        op = None
+        flag = request.parameters.get("triton_enable_empty_final_response")
+        mark_final = flag is not None and flag.bool_param
+        sent = 0
+        try:
+            op = await self.core.operator(request.model_name, request.model_version)
+            inputs, params = decode_infer(request)
+            op, responses, request_id = await self.core.stream(request.model_name, request.model_version, inputs,
+                                                               params, request.id or None)
+            final = False
+            async with responses:
+                async for result in responses:
+                    response = encode_infer(request, op, request_id, self.core.outputs_of(op.name, result))
+                    final = responses.ended
+                    if mark_final:
+                        response.parameters["triton_final_response"].bool_param = final
+                    self.core.responded("grpc_stream", op, started, sent == 0)
+                    sent += 1
+                    await put(pb.ModelStreamInferResponse(infer_response=response))
+            if mark_final and not final:
+                response = pb.ModelInferResponse(model_name=op.name, model_version=str(op.version), id=request.id)
+                response.parameters["triton_final_response"].bool_param = True
+                await put(pb.ModelStreamInferResponse(infer_response=response))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure is the client's answer, in band
+            self.core.record("grpc_stream", op, kserve.status_of(e)[1], False, started, request.id, e)
+            await put(pb.ModelStreamInferResponse(
+                error_message=str(e), infer_response=pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id)))
+            return
+        self.core.record("grpc_stream", op, "OK", True, started, request.id)
+
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests of one stream run concurrently; each answer carries its request's id (Triton's convention).
-        At most ``STREAM_INFLIGHT`` run at once: beyond that the stream is not read (gRPC's flow control)."""
-        answers: asyncio.Queue = asyncio.Queue()
+        """Requests of one stream run concurrently, each answered with its responses (several for a streaming
+        operator) as they come. At most ``STREAM_INFLIGHT`` requests run and as many responses wait at once:
+        beyond that the stream is not read, and operators' sends wait (flow control end to end)."""
+        answers: asyncio.Queue = asyncio.Queue(maxsize=STREAM_INFLIGHT)
         slots = asyncio.Semaphore(STREAM_INFLIGHT)
         running: set[asyncio.Task] = set()
 
         async def one(request: pb.ModelInferRequest) -> None:
             try:
-                response, error = await self._infer(request, "grpc_stream")
-                final = request.parameters.get("triton_enable_empty_final_response")
-                if response is not None and final is not None and final.bool_param:
-                    response.parameters["triton_final_response"].bool_param = True
-                await answers.put(pb.ModelStreamInferResponse(
-                    error_message=str(error) if error is not None else "",
-                    infer_response=response if response is not None else pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version, id=request.id)))
+                await self._stream(request, answers.put)
             finally:
                 slots.release()
 
@@ -231,20 +264,22 @@ class GrpcFrontDoor(service_pb2_grpc.GRPCInferenceServiceServicer):
                     task.add_done_callback(running.discard)
                 for _ in range(STREAM_INFLIGHT):  # every request answered
                     await slots.acquire()
-            finally:
-                answers.put_nowait(None)
+            finally:  # every request answered, or the client's side of the stream failed
+                done.set()
+                if answers.empty():
+                    answers.put_nowait(None)  # wakes the loop below
 
+        done = asyncio.Event()
         reading = asyncio.ensure_future(reader())
         try:
-            while True:
+            while not (done.is_set() and answers.empty()):
                 answer = await answers.get()
-                if answer is None:
-                    break
-                yield answer
+                if answer is not None:
+                    yield answer
             await reading
         finally:
             reading.cancel()
-            for task in list(running):
+            for task in list(running):  # the client went away: its requests are cancelled upstream
                 task.cancel()
 
 

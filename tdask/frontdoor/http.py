@@ -3,6 +3,7 @@ tensor data extension, statistics, the repository index, and the front door's Pr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -122,6 +123,38 @@ def encode_infer(request: dict[str, Any], op: RemoteOperator, request_id: str,
     return response
 
 
+def generate_inputs(payload: dict[str, Any], metadata: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    """Triton's generate extension: the body's fields other than ``id`` and ``parameters`` are the inputs, by name,
+    as JSON values (a scalar or a list), of the datatypes the operator declares (else what the values are)."""
+    declared = {t["name"]: t for t in (metadata or {}).get("inputs", [])}
+    inputs: dict[str, np.ndarray] = {}
+    for name, value in payload.items():
+        if name in ("id", "parameters"):
+            continue
+        spec = declared.get(name)
+        datatype = spec["datatype"] if spec else kserve.datatype_of(np.asarray(value).dtype)
+        values = value if isinstance(value, list) else [value]
+        shape = (len(values),) if not spec or len(spec.get("shape", [])) != 0 else ()
+        if not spec and np.asarray(values).ndim > 1:
+            shape = np.asarray(values).shape
+        inputs[name] = kserve.from_values(values if shape else value, datatype, shape, name)
+    return inputs
+
+
+def generate_event(op: RemoteOperator, request_id: str | None, outputs: dict[str, np.ndarray]) -> bytes:
+    """One server-sent event of Triton's generate extension: the outputs as JSON values by name."""
+    event: dict[str, Any] = {"model_name": op.name, "model_version": str(op.version)}
+    if request_id is not None:
+        event["id"] = request_id
+    for name, arr in outputs.items():
+        event[name] = arr.tolist()
+    return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+
+
+class BodyTimeout(TimeoutError):
+    """A request body that did not fully arrive within ``tdask.frontdoor.body-timeout``: 408."""
+
+
 class HttpFrontDoor:
     """The routes of the KServe v2 REST protocol over a :class:`FrontDoorCore`."""
 
@@ -144,6 +177,8 @@ class HttpFrontDoor:
             r.add_get(prefix + "/ready", self.model_ready)
             r.add_get(prefix + "/stats", self.stats)
             r.add_post(prefix + "/infer", self.infer)
+            r.add_post(prefix + "/generate", self.generate)
+            r.add_post(prefix + "/generate_stream", self.generate_stream)
         r.add_get("/metrics", self.metrics)
 
     @web.middleware
@@ -211,11 +246,8 @@ class HttpFrontDoor:
         try:
             reserved = self._reserve(request)
             try:
-                async with compat.timeout(self.body_timeout):
-                    body = await request.read()
-            except TimeoutErrors:
-                late = TimeoutError(f"the request body did not arrive within {self.body_timeout:g} s "
-                                    "(tdask.frontdoor.body-timeout)")
+                body = await self._body(request)
+            except BodyTimeout as late:
                 self.core.record("http", op, "408", False, started, request_id, late)
                 return _json({"error": str(late)}, 408)
             op = await self.core.operator(m["model"], m.get("version"))
@@ -240,3 +272,90 @@ class HttpFrontDoor:
             self.receiving -= reserved
         self.core.record("http", op, "200", True, started, request_id)
         return response
+
+    async def _body(self, request: web.Request) -> bytes:
+        try:
+            async with compat.timeout(self.body_timeout):
+                return await request.read()
+        except TimeoutErrors:
+            raise BodyTimeout(f"the request body did not arrive within {self.body_timeout:g} s "
+                              "(tdask.frontdoor.body-timeout)") from None
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        """Triton's generate extension: JSON in, the single (or last) response's outputs as JSON out."""
+        return await self._generate(request, streamed=False)
+
+    async def generate_stream(self, request: web.Request) -> web.StreamResponse:
+        """Triton's generate extension, streamed: each response as a server-sent event as the operator sends it;
+        an error after the first one is an event with ``error``."""
+        return await self._generate(request, streamed=True)
+
+    async def _generate(self, request: web.Request, streamed: bool) -> web.StreamResponse:
+        started = time.perf_counter()
+        m = request.match_info
+        op = None
+        request_id = None
+        reserved = self._reserve(request)
+        response: web.StreamResponse | None = None
+        sent = 0
+        last: dict[str, np.ndarray] | None = None
+        try:
+            try:
+                body = await self._body(request)
+            finally:
+                self.receiving -= reserved
+            op = await self.core.operator(m["model"], m.get("version"))
+            try:
+                payload = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
+            if not isinstance(payload, dict):
+                raise InvalidRequestError("the request body must be a JSON object of inputs by name")
+            request_id = payload.get("id")
+            if request_id is not None and not isinstance(request_id, str):
+                raise InvalidRequestError("'id' must be a string")
+            params = payload.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise InvalidRequestError("'parameters' must be an object")
+            inputs = generate_inputs(payload, op.record.get("metadata"))
+            op, responses, rid = await self.core.stream(m["model"], m.get("version"), inputs, params, request_id)
+            protocol = "http_stream" if streamed else "http"
+            async with responses:
+                async for result in responses:
+                    last = self.core.outputs_of(op.name, result)
+                    self.core.responded(protocol, op, started, sent == 0)
+                    sent += 1
+                    if not streamed:
+                        if sent > 1:
+                            raise InvalidRequestError(f"model {op.name!r} answers request {rid} with several "
+                                                      "responses: use generate_stream")
+                        continue
+                    if response is None:
+                        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                               "Cache-Control": "no-cache"})
+                        await response.prepare(request)
+                    await response.write(generate_event(op, request_id, last))
+        except BodyTimeout as late:
+            self.core.record("http", op, "408", False, started, request_id, late)
+            return _json({"error": str(late)}, 408)
+        except (ConnectionResetError, asyncio.CancelledError):  # the client went away: its stream was cancelled
+            self.core.record("http", op, "499", False, started, request_id, None)
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure is the client's answer
+            status = str(kserve.status_of(e)[0])
+            self.core.record("http", op, status, False, started, request_id, e)
+            if response is None:
+                return _error(e)
+            await response.write(b"data: " + json.dumps({"error": str(e)}).encode() + b"\n\n")
+            return response
+        self.core.record("http", op, "200", True, started, request_id)
+        if streamed:
+            if response is None:  # ended without a response: an empty event stream
+                response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                await response.prepare(request)
+            await response.write_eof()
+            return response
+        if last is None:
+            raise InvalidRequestError(f"model {m['model']!r} ended request {request_id} without a response")
+        return web.Response(body=generate_event(op, request_id, last)[len(b"data: "):-2],
+                            content_type="application/json")

@@ -171,12 +171,14 @@ REPLICA_COLUMNS = [
     ("operator", "Operator"), ("version", "Version"), ("replica", "Replica"), ("worker", "Worker"),
     ("device", "Device"), ("instances", "Model instances"), ("max_inflight", "Max in-flight"),
     ("inflight", "In-flight"), ("queued", "Queued"), ("completed", "Completed"), ("failed", "Failed"),
-    ("rejected", "Rejected"), ("rps", "Requests/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("state", "State"),
+    ("rejected", "Rejected"), ("rps", "Requests/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
+    ("responses", "Responses streamed"), ("first_p50_ms", "First response p50 ms"), ("state", "State"),
 ]
 OPERATOR_COLUMNS = [
     ("operator", "Operator"), ("version", "Version"), ("replicas", "Replicas"), ("devices", "Device"),
     ("instances", "Model instances"), ("inflight", "In-flight"), ("queued", "Queued"), ("completed", "Completed"),
     ("failed", "Failed"), ("rejected", "Rejected"), ("rps", "Requests/s"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"),
+    ("responses", "Responses streamed"), ("first_p50_ms", "First response p50 ms"),
 ]
 
 

@@ -10,6 +10,8 @@ they are pure, so the dashboard, ``/metrics`` and the tests share them.
 
 - ``tdask_requests_total{operator,version,replica,worker,outcome}`` (completed, failed, rejected)
 - ``tdask_request_latency_seconds`` histogram (per replica; cumulative since the replica started)
+- streamed requests: ``tdask_stream_responses_total``, ``tdask_cancelled_requests_total`` and the
+  ``tdask_first_response_seconds`` histogram (time to first response)
 - ``tdask_inflight_requests`` and ``tdask_queued_requests`` gauges
 - ``tdask_replica_info`` (device, model instances, max in-flight, state)
 - ``tdask_triton_server_info{worker,pid,grpc_url,metrics_url}`` and ``tdask_triton_server_up``:
@@ -82,6 +84,9 @@ def replica_row(snapshot: Mapping[str, Any], now: float, window: float = DEFAULT
         "rps": len(recent) / span if span > 0 else 0.0,
         "p50_ms": percentile(recent, 50) * 1e3,
         "p99_ms": percentile(recent, 99) * 1e3,
+        "responses": int(snapshot.get("responses", 0)),
+        "cancelled": int(snapshot.get("cancelled", 0)),
+        "first_p50_ms": percentile(window_samples(snapshot.get("first_responses") or (), now, window)[0], 50) * 1e3,
     }
 
 
@@ -98,24 +103,28 @@ def aggregate(
                       key=lambda r: (r["operator"], str(r["version"]), r["worker"], r["replica"]))
     operators: dict[tuple[str, Any], dict[str, Any]] = {}
     samples: dict[tuple[str, Any], list[float]] = {}
+    firsts: dict[tuple[str, Any], list[float]] = {}  # times to first response of streamed requests
     for snap in snapshots.values():
         key = (snap.get("name", "?"), snap.get("version", ""))
         row = operators.setdefault(key, {
             "operator": key[0], "version": key[1], "replicas": 0, "devices": set(), "instances": 0,
             "inflight": 0, "queued": 0, "completed": 0, "failed": 0, "rejected": 0, "rps": 0.0,
+            "responses": 0, "cancelled": 0,
         })
         r = replica_row(snap, now, window)
         row["replicas"] += 1
         row["devices"].add(r["device"])
         row["instances"] += int(r["instances"] or 0)
-        for field in ("inflight", "queued", "completed", "failed", "rejected", "rps"):
+        for field in ("inflight", "queued", "completed", "failed", "rejected", "rps", "responses", "cancelled"):
             row[field] += r[field]
         samples.setdefault(key, []).extend(window_samples(snap.get("latencies") or (), now, window)[0])
+        firsts.setdefault(key, []).extend(window_samples(snap.get("first_responses") or (), now, window)[0])
     ops = []
     for key, row in sorted(operators.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         row["devices"] = ",".join(sorted(row["devices"]))
         row["p50_ms"] = percentile(samples[key], 50) * 1e3
         row["p99_ms"] = percentile(samples[key], 99) * 1e3
+        row["first_p50_ms"] = percentile(firsts[key], 50) * 1e3
         ops.append(row)
     return {"replicas": replicas, "operators": ops}
 
@@ -201,6 +210,14 @@ class TdaskCollector:
                                         "Time from a request's arrival at a replica to its answer", labels=labels)
         inflight = GaugeMetricFamily("tdask_inflight_requests", "Requests a replica is executing", labels=labels)
         queued = GaugeMetricFamily("tdask_queued_requests", "Requests waiting in a replica's queue", labels=labels)
+        responses = CounterMetricFamily("tdask_stream_responses", "Responses of streamed requests a replica sent",
+                                        labels=labels)
+        cancelled = CounterMetricFamily("tdask_cancelled_requests",
+                                        "Requests whose caller stopped reading or went away before they ended",
+                                        labels=labels)
+        first = HistogramMetricFamily("tdask_first_response_seconds",
+                                      "Time from a streamed request's arrival at a replica to its first response",
+                                      labels=labels)
         info = GaugeMetricFamily("tdask_replica_info", "Deployed replicas (value 1)",
                                  labels=[*labels, "device", "instances", "max_inflight", "state"])
         for rid, snap in sorted(replicas.items()):
@@ -211,6 +228,11 @@ class TdaskCollector:
             if hist:
                 latency.add_metric(values, cumulative_buckets(hist), float(hist.get("sum", 0.0)))
             inflight.add_metric(values, int(snap.get("inflight", 0)))
+            responses.add_metric(values, int(snap.get("responses", 0)))
+            cancelled.add_metric(values, int(snap.get("cancelled", 0)))
+            hist = snap.get("first_response_histogram")
+            if hist and hist.get("count"):
+                first.add_metric(values, cumulative_buckets(hist), float(hist.get("sum", 0.0)))
             queued.add_metric(values, int(snap.get("queued", 0)))
             info.add_metric([*values, str(snap.get("device", "?")), str(snap.get("instances", 1)),
                              str(snap.get("max_inflight", 1)), str(snap.get("state", "?"))], 1)
@@ -224,7 +246,7 @@ class TdaskCollector:
             worker, pid = str(server.get("worker", "?")), str(server.get("pid", ""))
             server_info.add_metric([worker, pid, str(server.get("grpc", "")), str(server.get("metrics", ""))], 1)
             server_up.add_metric([worker, pid], 1 if server.get("alive") else 0)
-        yield from (requests, latency, inflight, queued, info, server_info, server_up)
+        yield from (requests, latency, inflight, queued, responses, cancelled, first, info, server_info, server_up)
 
 
 _collector: TdaskCollector | None = None

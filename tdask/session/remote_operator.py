@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -21,9 +21,11 @@ from tdask.errors import (
     RequestTimeoutError,
     from_wire,
 )
+from tdask.operator import ResponseChannel
 from tdask.registry import operator_key, pick_version
 from tdask.session.futures import InferFuture, InferResult, OutputOf, new_request_id
 from tdask.session.routing import choose_replica
+from tdask.session.streaming import LocalUpstream, Opened, ResponseStream, Upstream, WireUpstream
 from tdask.tensors import check_request_size, check_tensor
 from tdask.tensors import from_wire as tensor_from_wire
 from tdask.tensors import to_wire as tensor_to_wire
@@ -109,18 +111,104 @@ class RemoteOperator:
 
     async def _infer(self, inputs: Any, parameters: Any, request_id: str, keep: bool | str,
                      timeout: float | None, output_device: str | None = None) -> InferResult:
-        checked_inputs = await self._prepare_inputs(inputs, request_id)
-        params = _check_parameters(parameters, request_id)
         if keep not in (True, False, "auto"):
             raise InvalidRequestError(f"keep must be True, False or 'auto', got {keep!r}")
+        msg, timeout, deadline = await self._request(protocol.INFER, inputs, parameters, request_id, timeout,
+                                                     output_device)
+        msg["keep"] = keep
+        local = self.session.local
+
+        def call(replica: str, worker: str) -> Awaitable[dict[str, Any]]:
+            if local is not None and worker == local.address:
+                return local.call(msg)  # same process: no comm, no serialization, no copy
+            if worker in self._lane_workers and keep is not True and output_device != "gpu":
+                return self._via_lane(replica, worker, msg)
+            return self._sent(worker, msg)
+
+        reply, replica, worker = await self._route(msg, call, deadline, timeout)
+        outputs = {name: tensor_from_wire(v) for name, v in reply["outputs"].items()}
+        return InferResult(self.session, outputs, replica, worker, request_id)
+
+    def stream(
+        self,
+        inputs: Mapping[str, Any] | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        output_device: str | None = None,
+    ) -> ResponseStream:
+        """Send one request whose answer is a sequence of responses; iterate what it returns::
+
+            async with operator.stream({"input": x}) as responses:
+                async for response in responses:   # each an InferResult, in order
+                    ...
+
+        A single-response operator's stream has one response. ``timeout`` bounds the wait for each response
+        (the first and every next one). Leaving the ``async with`` (or :meth:`ResponseStream.cancel`) before
+        the end cancels the request where it runs; an error or a lost worker after some responses ends the
+        iteration with an explicit error. At most ``tdask.request.stream-window`` responses wait unread: a
+        slow reader slows the operator down.
+        """
+        request_id = request_id or new_request_id()
+        stream = ResponseStream(self.session, request_id, self.name)
+        stream.start(self._stream(stream, inputs, parameters, request_id, timeout, output_device))
+        return stream
+
+    async def _stream(self, stream: ResponseStream, inputs: Any, parameters: Any, request_id: str,
+                      timeout: float | None, output_device: str | None) -> Opened:
+        msg, timeout, deadline = await self._request(protocol.STREAM, inputs, parameters, request_id, timeout,
+                                                     output_device)
+        window = max(1, int(config.get("request.stream-window")))
+        msg["window"] = window
+        local = self.session.local
+        opened: list[Opened] = []
+
+        async def call(replica: str, worker: str) -> dict[str, Any]:
+            channel = ResponseChannel(window)
+            if local is not None and worker == local.address:
+                task = local.stream(dict(msg), channel)
+                upstream: Upstream = LocalUpstream(task, channel)
+            else:
+                sent = dict(msg, inputs={k: tensor_to_wire(v) for k, v in msg["inputs"].items()})
+                worker_stream = self.session.pool.get(worker)
+                upstream = WireUpstream(worker_stream, await worker_stream.stream(sent, channel), window)
+            try:
+                first = await channel.get()
+            except BaseException:  # timed out or cancelled before the first response
+                upstream.cancel()
+                raise
+            upstream.read(1)
+            if first[2] is not None:
+                return {"error": first[2]}
+            opened.append(Opened(upstream, channel, replica, worker, first, timeout))
+            return {}
+
+        await self._route(msg, call, deadline, timeout)
+        return opened[-1]
+
+    async def _request(self, op: str, inputs: Any, parameters: Any, request_id: str, timeout: float | None,
+                       output_device: str | None) -> tuple[dict[str, Any], float, float]:
+        """The request's message, checked, with its timeout and deadline."""
+        checked_inputs = await self._prepare_inputs(inputs, request_id)
+        params = _check_parameters(parameters, request_id)
         if output_device not in (None, "cpu", "gpu"):
             raise InvalidRequestError(f"output_device must be None, 'cpu' or 'gpu', got {output_device!r}")
         if timeout is None:
             timeout = config.seconds("request.timeout")
         deadline = time.monotonic() + timeout
-        down_for = config.seconds("routing.refresh-interval")
-        if time.monotonic() - self._refreshed > down_for or not self.replicas:
+        if time.monotonic() - self._refreshed > config.seconds("routing.refresh-interval") or not self.replicas:
             await self._refresh_before(deadline, timeout, request_id)
+        msg = {"op": op, "request_id": request_id, "inputs": checked_inputs, "parameters": params,
+               "output_device": output_device}
+        return msg, timeout, deadline
+
+    async def _route(self, msg: dict[str, Any], call: Callable[[str, str], Awaitable[dict[str, Any]]],
+                     deadline: float, timeout: float) -> tuple[dict[str, Any], str, str]:
+        """Send ``msg`` with ``call(replica, worker)`` to a replica, and to another where the first one refused it
+        before it ran (or the operator is idempotent); the answer, and which replica and worker gave it."""
+        request_id = msg["request_id"]
+        down_for = config.seconds("routing.refresh-interval")
         tried: set[str] = set()
         last_error: Exception | None = None
         refreshed = False
@@ -146,18 +234,11 @@ class RemoteOperator:
                 raise ReplicaUnavailableError(f"operator {self.name!r} has no running replica")
             tried.add(replica)
             worker = self.replicas[replica]
-            msg = {"op": protocol.INFER, "replica": replica, "request_id": request_id, "inputs": checked_inputs,
-                   "parameters": params, "keep": keep, "output_device": output_device}
+            msg["replica"] = replica
             self.outstanding[replica] += 1
-            if local is not None and worker == local.address:
-                call = local.call(msg)  # same process: no comm, no serialization, no copy
-            elif worker in self._lane_workers and keep is not True and output_device != "gpu":
-                call = self._via_lane(replica, worker, msg)
-            else:
-                call = self._sent(worker, msg)
             try:
                 async with compat.timeout(max(0.0, deadline - time.monotonic())):  # no extra task
-                    reply = await call
+                    reply = await call(replica, worker)
             except TimeoutErrors:
                 raise RequestTimeoutError(
                     f"request {request_id} to operator {self.name!r} (replica {replica} on {worker}) "
@@ -172,7 +253,9 @@ class RemoteOperator:
             finally:
                 self.outstanding[replica] -= 1
             if "error" in reply:
-                error = from_wire(reply["error"])
+                error = reply["error"]
+                if not isinstance(error, Exception):
+                    error = from_wire(error)
                 unavailable = isinstance(error, ReplicaUnavailableError)
                 if error.retryable or (unavailable and self.idempotent):
                     if unavailable:
@@ -183,8 +266,7 @@ class RemoteOperator:
                     last_error = error
                     continue
                 raise error
-            outputs = {name: tensor_from_wire(v) for name, v in reply["outputs"].items()}
-            return InferResult(self.session, outputs, replica, worker, request_id)
+            return reply, replica, worker
 
     async def _via_lane(self, replica: str, worker: str, msg: dict[str, Any]) -> dict[str, Any]:
         """Run on the replica's Triton server from this worker, where the replica lends a slot
@@ -194,8 +276,8 @@ class RemoteOperator:
 
     def _sent(self, worker: str, msg: dict[str, Any]) -> Awaitable[dict[str, Any]]:
         """The request sent to its replica's worker, inputs encoded for the wire."""
-        msg["inputs"] = {k: tensor_to_wire(v) for k, v in msg["inputs"].items()}
-        return self.session.pool.get(worker).call(msg)
+        return self.session.pool.get(worker).call(dict(msg, inputs={k: tensor_to_wire(v) for k, v in
+                                                                     msg["inputs"].items()}))
 
     async def _prepare_inputs(self, inputs: Any, request_id: str) -> dict[str, Any]:
         if inputs is None:

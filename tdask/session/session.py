@@ -12,6 +12,7 @@ from distributed.comm import CommClosedError
 from tdask.comm import protocol
 from tdask.comm.stream import StreamPool
 from tdask.errors import from_wire
+from tdask.operator import ResponseSink
 from tdask.registry import ROOT, operator_key, pick_version, token_key
 from tdask.session.remote_operator import RemoteOperator
 from tdask.shm.lending import Landing, caller_landing
@@ -28,6 +29,9 @@ class WorkerSide(Protocol):
 
     def call(self, msg: dict[str, Any]) -> Awaitable[dict[str, Any]]:
         """Answer an infer message here, as the replica's worker would answer it on a stream."""
+
+    def stream(self, msg: dict[str, Any], sink: ResponseSink) -> asyncio.Task:
+        """Run a streamed request here, its responses put into ``sink``."""
 
     def fetch(self, keys: list[str]) -> dict[str, Any]:
         """Tensors kept in this process."""

@@ -39,6 +39,7 @@ from tdask.shm.names import SHM_DIR
 from tdask.shm.regions import Region, RegionPool, size_class
 from tdask.triton.http import InputRegion, OutputRegion, TritonHttp, triton_error
 from tdask.triton.peers import PeerRegions
+from tdask.triton.streaming import TritonStreams
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class TritonModelClient:
         self.shm_inputs_in_place = 0  # inputs that were already in a region of this server: not copied
         self.shm_inputs_from_peers = 0  # of those, inputs read where another process lent them from
         self._peers: PeerRegions | None = None
+        self.streams = TritonStreams(url)  # streamed requests to decoupled models
 
     @property
     def client(self) -> grpcclient.InferenceServerClient:
@@ -218,6 +220,14 @@ class TritonModelClient:
                                         "outputs": tensors(raw.get("outputs", []))}
         return md
 
+    async def model_config(self, model: str, version: str = "") -> dict[str, Any]:
+        """Triton's config of a loaded model, after auto-complete (proto field names)."""
+        try:
+            raw = await self.client.get_model_config(model, model_version=version, as_json=True)
+        except InferenceServerException as exc:
+            raise _triton_error(model, exc) from exc
+        return raw.get("config", raw)
+
     async def _shm_outputs(self, model: str, version: str, wanted: list[str] | None) -> list[tuple[str, bool]] | None:
         """(output name, variable size) for the model's outputs; None when shared memory cannot be used."""
         meta = self._metadata.get(f"{model}:{version}") or await self.model_metadata(model, version)
@@ -307,6 +317,7 @@ class TritonModelClient:
 
     async def close(self) -> None:
         await self._http.close()
+        await self.streams.close()
         if self._peers is not None:
             peers, self._peers = self._peers, None
             await peers.close()

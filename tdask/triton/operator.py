@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tdask.errors import ConfigError, PlacementError, TdaskError, TritonError
+from tdask.errors import ConfigError, InvalidRequestError, PlacementError, TdaskError, TritonError
 from tdask.operator import Operator, Request
 from tdask.triton.model_config import merge_model_config, read_model_config
 from tdask.triton.servers import TritonServers
@@ -56,6 +56,9 @@ class TritonCoreOperator(Operator):
         self.server = await servers.acquire_model(cfg.repository, cfg.name, self.model_config, instances=cfg.instances)
         self.client = servers.client(self.server)
         self._metadata = await self.client.model_metadata(cfg.name)
+        # a decoupled model answers a request with any number of responses: streamed requests only
+        policy = (await self.client.model_config(cfg.name)).get("model_transaction_policy") or {}
+        self.decoupled = bool(policy.get("decoupled", False))
 
     async def _current_client(self) -> Any:
         """This worker's Triton server may have been restarted (new ports): follow it."""
@@ -75,12 +78,14 @@ class TritonCoreOperator(Operator):
                 if self._cupy is not None:  # the gRPC hop to Triton is staged through host memory
                     inputs = {k: (self._cupy.asnumpy(v) if hasattr(v, "__cuda_array_interface__") else v)
                               for k, v in inputs.items()}
+                if self.decoupled:
+                    await self._stream(client, request, inputs)
+                    continue
                 outputs = await client.infer(
                     self.config.name, inputs, parameters=request.parameters,
                     request_id=request.request_id, idempotent=self.config.idempotent,
                 )
-                if self._cupy is not None:  # and GPU operators hand device arrays to the next operator
-                    outputs = {k: self._cupy.asarray(v) for k, v in outputs.items()}
+                outputs = self._placed(outputs)
             except TdaskError as e:
                 request.fail(e)
                 continue
@@ -88,6 +93,29 @@ class TritonCoreOperator(Operator):
                 request.fail(TritonError(f"{self.config.name}: {e}"))
                 continue
             await request.respond(outputs)
+
+    def _placed(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """GPU operators hand device arrays to the next operator."""
+        if self._cupy is None:
+            return outputs
+        return {k: self._cupy.asarray(v) for k, v in outputs.items()}
+
+    async def _stream(self, client: Any, request: Request, inputs: dict[str, Any]) -> None:
+        """A decoupled model's responses, passed on one by one as Triton sends them."""
+        name = self.config.name
+        if not request.streamed:
+            raise InvalidRequestError(f"model {name!r} is decoupled (it may send several responses per request): "
+                                      "call it with stream(), not infer()")
+        responses = client.streams.stream(name, inputs, parameters=request.parameters,
+                                          request_id=request.request_id)
+        try:
+            async for outputs, final in responses:
+                if outputs is not None:
+                    await request.send(self._placed(outputs), final)
+                elif final:
+                    await request.end()
+        finally:
+            await responses.aclose()  # before the end (the caller cancelled): cancels the request in Triton
 
     async def teardown(self) -> None:
         # the client belongs to the worker's server (shared by its models) and closes with it
@@ -99,7 +127,7 @@ class TritonCoreOperator(Operator):
         """A CPU model's server, for callers on this host that run small requests on it themselves."""
         if self._cupy is not None:  # a GPU operator's tensors stay on the device, in this worker
             return None
-        if type(self).execute is not TritonCoreOperator.execute:  # a subclass's own execute runs here only
+        if type(self).execute is not TritonCoreOperator.execute or self.decoupled:  # these run here only
             return None
         server = self.servers.serving(self.config.repository)
         if server is None:

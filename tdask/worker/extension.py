@@ -27,6 +27,7 @@ from tdask.comm.stream import accept_stream, read_messages
 from tdask.comm.writer import CoalescingWriter
 from tdask.compat import TimeoutErrors
 from tdask.errors import InvalidRequestError, ProtocolError, ReplicaUnavailableError, TdaskError, to_wire
+from tdask.operator import ResponseSink
 from tdask.registry import token_key
 from tdask.session import Session
 from tdask.tensors import inline_threshold, nbytes
@@ -55,6 +56,51 @@ def place_outputs(outputs: dict[str, Any], device: str | None) -> dict[str, Any]
     return {k: cupy.asarray(v) for k, v in outputs.items()}
 
 
+class WireSink:
+    """The responses of a request streamed to a caller in another process, sent on its request stream as the
+    operator sends them, at most ``window`` beyond those the caller said it read (``credit``)."""
+
+    def __init__(self, sender: CoalescingWriter, call_id: Any, window: int, encode: Callable[[dict], dict]) -> None:
+        self.sender = sender
+        self.call_id = call_id
+        self.credits = max(1, window)
+        self.encode = encode
+        self.cancelled = False  # by its caller
+        self._room: asyncio.Future | None = None
+
+    async def put(self, outputs: dict[str, Any] | None, final: bool) -> None:
+        while self.credits <= 0:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+        self.credits -= 1
+        self.sender.send({"id": self.call_id, "outputs": None if outputs is None else self.encode(outputs),
+                          "final": final})
+
+    def grant(self, count: int) -> None:
+        self.credits += count
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+
+    def fail(self, error: BaseException) -> None:
+        try:
+            self.sender.send({"id": self.call_id, "error": to_wire(error), "final": True})
+        except CommClosedError:
+            logger.info("caller went away before the stream %s ended", self.call_id)
+
+
+class _PlacedSink:
+    """Responses streamed to a caller in this process, on the device it asked for."""
+
+    def __init__(self, sink: ResponseSink, device: str | None) -> None:
+        self.sink, self.device = sink, device
+
+    async def put(self, outputs: dict[str, Any] | None, final: bool) -> None:
+        await self.sink.put(None if outputs is None else place_outputs(outputs, self.device), final)
+
+    def fail(self, error: BaseException) -> None:
+        self.sink.fail(error)
+
+
 class WorkerExtension:
     """tdask on the worker ``worker``; see the module's docstring."""
 
@@ -67,6 +113,8 @@ class WorkerExtension:
         self.services: dict[str, Any] = {"triton": self.triton}  # what hosted operators may use
         self.streams: set[CoalescingWriter] = set()  # one per caller's request stream
         self._serving: set[asyncio.Task] = set()  # requests being answered (the loop holds tasks weakly)
+        # streamed requests being answered, by (caller's request stream, call id)
+        self._streaming: dict[tuple[CoalescingWriter, Any], tuple[asyncio.Task, WireSink]] = {}
         self._listener: Any = None
         self._reaper: asyncio.Task | None = None
         self._closed = False
@@ -81,6 +129,9 @@ class WorkerExtension:
         self.lanes = Lanes(self.session, worker.address)
         self._ops: dict[str, Callable[[dict[str, Any], CoalescingWriter], None]] = {
             protocol.INFER: self._on_infer,
+            protocol.STREAM: self._on_stream,
+            protocol.CREDIT: self._on_credit,
+            protocol.CANCEL: self._on_cancel,
             protocol.FETCH: self._on_fetch,
             protocol.RELEASE: lambda msg, sender: self.store.release(msg.get("keys") or []),
             protocol.LEASE: self._on_lease,
@@ -136,6 +187,10 @@ class WorkerExtension:
         """A request from an operator in this same process: no comm, no (de)serialization."""
         return self._answer(msg, serialize=False)
 
+    def stream(self, msg: dict[str, Any], sink: ResponseSink) -> asyncio.Task:
+        """A streamed request from an operator in this same process: its responses go to ``sink`` as they come."""
+        return asyncio.ensure_future(self._produce(msg, _PlacedSink(sink, msg.get("output_device"))))
+
     def fetch(self, keys: list[str]) -> dict[str, Any]:
         return self.store.get_many(keys)
 
@@ -181,6 +236,9 @@ class WorkerExtension:
             pass
         finally:
             self.streams.discard(sender)
+            for key in [key for key in self._streaming if key[0] is sender]:  # its caller went away: stop them
+                self._streaming[key][1].cancelled = True
+                self._streaming[key][0].cancel()
             for replica in self.replicas.values():
                 replica.drop_holder(sender)
             sender.abort()
@@ -202,6 +260,44 @@ class WorkerExtension:
             sender.send(reply)
         except CommClosedError:
             logger.info("caller went away before request %s was answered", msg.get("request_id"))
+
+    def _on_stream(self, msg: dict[str, Any], sender: CoalescingWriter) -> None:
+        device = msg.get("output_device")
+        sink = WireSink(sender, msg.get("id"), int(msg.get("window") or 1),
+                        lambda outputs: self.encode_outputs(place_outputs(outputs, device), False))
+        key = (sender, msg.get("id"))
+        task = asyncio.ensure_future(self._produce(msg, sink))
+        self._streaming[key] = (task, sink)
+        task.add_done_callback(lambda _: self._streaming.pop(key, None))
+
+    async def _produce(self, msg: dict[str, Any], sink: Any) -> None:
+        """Run one streamed request on its replica; an error ends its stream, whenever it comes."""
+        try:
+            replica = self.replicas.get(msg.get("replica"))
+            if replica is None:  # never reached it: another replica may take it
+                raise ReplicaUnavailableError(f"replica {msg.get('replica')} is not running on worker {self.address}",
+                                              retryable=True)
+            await replica.handle(msg.get("request_id", ""), msg.get("inputs") or {}, msg.get("parameters") or {},
+                                 sink)
+        except asyncio.CancelledError:
+            if not getattr(sink, "cancelled", True):  # not by its caller: the worker is closing
+                sink.fail(ReplicaUnavailableError("request cancelled (its worker is closing)", started=True))
+            raise
+        except Exception as e:
+            if not isinstance(e, TdaskError):
+                logger.exception("request %s failed", msg.get("request_id"))
+            sink.fail(e)
+
+    def _on_credit(self, msg: dict[str, Any], sender: CoalescingWriter) -> None:
+        entry = self._streaming.get((sender, msg.get("id")))
+        if entry is not None:
+            entry[1].grant(int(msg.get("count", 0)))
+
+    def _on_cancel(self, msg: dict[str, Any], sender: CoalescingWriter) -> None:
+        entry = self._streaming.get((sender, msg.get("id")))
+        if entry is not None:
+            entry[1].cancelled = True
+            entry[0].cancel()
 
     def _on_fetch(self, msg: dict[str, Any], sender: CoalescingWriter) -> None:
         """Kept tensors asked for by a caller or another worker, answered on the stream it already has to this

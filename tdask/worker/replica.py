@@ -21,7 +21,7 @@ from tdask.errors import (
     ReplicaUnavailableError,
     TdaskError,
 )
-from tdask.operator import Operator, OperatorConfig, OperatorContext, Request
+from tdask.operator import Operator, OperatorConfig, OperatorContext, Request, ResponseSink
 from tdask.tensors import check_request_size, is_array
 from tdask.triton.server import sweep_orphans
 from tdask.worker.stats import ReplicaStats
@@ -67,6 +67,32 @@ class Slots:
             if not waiter.done():
                 self.free -= 1
                 waiter.set_result(None)
+
+
+class _MeasuredSink:
+    """A streamed request's responses as its replica sees them: checked (arrays only), counted, and the time to
+    the first one recorded."""
+
+    __slots__ = ("sink", "replica", "started")
+
+    def __init__(self, sink: ResponseSink, replica: Replica, started: float) -> None:
+        self.sink, self.replica, self.started = sink, replica, started
+
+    async def put(self, outputs: dict[str, Any] | None, final: bool) -> None:
+        name = self.replica.config.name
+        for key, value in (outputs or {}).items():
+            if not is_array(value):
+                raise OperatorError(f"operator {name!r} sent a non-array output {key!r}")
+        await self.sink.put(outputs, final)
+        if outputs is not None:
+            stats = self.replica.stats
+            if self.started:
+                stats.first_responses.append((time.time(), time.perf_counter() - self.started))
+                self.started = 0.0
+            stats.responses += 1
+
+    def fail(self, error: BaseException) -> None:
+        self.sink.fail(error)
 
 
 class Replica:
@@ -152,8 +178,11 @@ class Replica:
         return {**self.info(), **self.stats.snapshot()}
 
     # -- serving --------------------------------------------------------------------
-    async def handle(self, request_id: str, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
-        """Queue, execute and answer one request; raises a :class:`TdaskError` on failure."""
+    async def handle(self, request_id: str, inputs: dict[str, Any], parameters: dict[str, Any],
+                     sink: ResponseSink | None = None) -> dict[str, Any]:
+        """Queue, execute and answer one request; raises a :class:`TdaskError` on failure. With ``sink`` (a
+        streamed request) the responses go there as the operator sends them, and the request holds its slot
+        until its stream ends."""
         if self._state != "running" or self._slots is None:  # refused before it ran: another replica may take it
             raise ReplicaUnavailableError(f"replica {self.replica_id} of {self.config.name!r} is {self._state}",
                                           retryable=True)
@@ -183,10 +212,15 @@ class Replica:
             stats.queued -= 1
             stats.inflight += 1
             try:
-                outputs = await self._execute(request_id, inputs, parameters)
+                if sink is not None:
+                    sink = _MeasuredSink(sink, self, started)
+                outputs = await self._execute(request_id, inputs, parameters, sink)
             finally:
                 stats.inflight -= 1
                 self._slots.give()
+        except asyncio.CancelledError:
+            stats.cancelled += 1  # its caller stopped reading (or went away), or the worker is closing
+            raise
         except BaseException as e:
             stats.failed += 1
             logger.debug("request %s: %s replica %s failed: %r", request_id, self.config.name, self.replica_id, e)
@@ -269,10 +303,11 @@ class Replica:
             self.stats.revoked += take
             count -= take
 
-    async def _execute(self, request_id: str, inputs: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+    async def _execute(self, request_id: str, inputs: dict[str, Any], parameters: dict[str, Any],
+                       sink: ResponseSink | None) -> dict[str, Any]:
         check_request_size(inputs, request_id)
         inputs = await self.extension.store.resolve(inputs, self.extension.session.fetch)
-        request = Request(request_id, inputs, parameters)
+        request = Request(request_id, inputs, parameters, sink)
         try:
             await self.operator.execute([request])
         except TdaskError as e:
@@ -287,6 +322,11 @@ class Replica:
                 err.started = True
                 raise err
             raise OperatorError(f"operator {self.config.name!r}: {err}") from err
+        if sink is not None:
+            if not request.done:
+                raise OperatorError(f"operator {self.config.name!r} returned without ending the stream of request "
+                                    f"{request_id} ({request.sent} responses sent)")
+            return {}
         if not request.done or request._outputs is None:
             raise OperatorError(f"operator {self.config.name!r} returned without answering request {request_id}")
         outputs = request._outputs
@@ -294,4 +334,3 @@ class Replica:
             if not is_array(value):
                 raise OperatorError(f"operator {self.config.name!r} returned a non-array output {name!r}")
         return outputs
-

@@ -56,6 +56,9 @@ class ReplicaStats:
         self.leased = 0  # slots lent to callers that run requests on this replica's Triton server themselves
         self.on_lanes = 0  # requests they ran on them (counted in completed and failed too)
         self.revoked = 0  # slots asked back from them
+        self.responses = 0  # responses of streamed requests sent
+        self.cancelled = 0  # requests whose caller stopped reading or went away before they ended
+        self.first_responses: deque[tuple[float, float]] = LatencyLog(maxlen=int(config.get("replica.latency-samples")))
         # (finished at, seconds); also counts every sample in a cumulative histogram (for /metrics)
         self.latencies: deque[tuple[float, float]] = LatencyLog(maxlen=int(config.get("replica.latency-samples")))
 
@@ -69,6 +72,10 @@ class ReplicaStats:
             "leased": self.leased,
             "on_lanes": self.on_lanes,
             "revoked": self.revoked,
+            "responses": self.responses,
+            "cancelled": self.cancelled,
             "latencies": list(self.latencies),
             "latency_histogram": self.latencies.histogram(),
+            "first_responses": list(self.first_responses),
+            "first_response_histogram": self.first_responses.histogram(),
         }

@@ -69,3 +69,36 @@ class Relay(Operator):
             with open(request.parameters["log"], "a") as f:
                 f.write(f"{request.request_id}\n")
             request.fail(ReplicaUnavailableError("replica downstream-1 of 'downstream' is not running"))
+
+
+class Counter(Operator):
+    """Streams ``count`` responses ``[0]``, ``[1]``, ... (``seconds`` apart), then ends; with ``fail_after`` it fails
+    after that many instead."""
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            count, pause = int(request.parameters.get("count", 3)), float(request.parameters.get("seconds", 0))
+            fail_after = int(request.parameters.get("fail_after", -1))
+            for i in range(count):
+                if i == fail_after:
+                    request.fail(InvalidRequestError(f"counter gave up after {i} responses"))
+                    break
+                await request.send({"output": np.array([i], dtype=np.int64)})
+                if pause:
+                    await asyncio.sleep(pause)
+            else:
+                await request.end()
+
+
+class Forward(Operator):
+    """Streams on what ``counter`` streams it, each response doubled."""
+
+    async def setup(self) -> None:
+        self.counter = await self.context.operator("counter")
+
+    async def execute(self, requests: list[Request]) -> None:
+        for request in requests:
+            async with self.counter.stream(request.inputs, request.parameters) as responses:
+                async for response in responses:
+                    await request.send({"output": response["output"] * 2})
+            await request.end()
