@@ -154,17 +154,22 @@ class WorkerStream:
             raise
         return comm
 
-    async def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _send_call(self, msg: dict[str, Any], waiting: dict[int, Any], receiver: Any) -> int:
+        """Send ``msg`` under a new call id, its answers awaited by ``receiver`` in ``waiting``."""
         sender = await self._ensure()
         call_id = next(_ids)
         msg["id"] = call_id
-        fut = asyncio.get_running_loop().create_future()
-        self.pending[call_id] = fut
+        waiting[call_id] = receiver
         try:
             sender.send(msg)
         except CommClosedError as e:  # before it was sent
-            self.pending.pop(call_id, None)
+            waiting.pop(call_id, None)
             raise ReplicaUnavailableError(f"connection to worker {self.address} closed: {e}", retryable=True) from e
+        return call_id
+
+    async def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        fut = asyncio.get_running_loop().create_future()
+        call_id = await self._send_call(msg, self.pending, fut)
         try:
             return await fut
         finally:
@@ -173,16 +178,7 @@ class WorkerStream:
     async def stream(self, msg: dict[str, Any], channel: ResponseChannel) -> int:
         """Send a streamed request whose responses go to ``channel`` as they arrive; returns its call id (what
         ``credit`` and ``cancel`` name)."""
-        sender = await self._ensure()
-        call_id = next(_ids)
-        msg["id"] = call_id
-        self.receiving[call_id] = channel
-        try:
-            sender.send(msg)
-        except CommClosedError as e:  # before it was sent
-            self.receiving.pop(call_id, None)
-            raise ReplicaUnavailableError(f"connection to worker {self.address} closed: {e}", retryable=True) from e
-        return call_id
+        return await self._send_call(msg, self.receiving, channel)
 
     def send(self, msg: dict[str, Any]) -> None:
         """Fire and forget (releases); dropped when the stream is down."""

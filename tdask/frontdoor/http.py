@@ -141,14 +141,14 @@ def generate_inputs(payload: dict[str, Any], metadata: dict[str, Any] | None) ->
     return inputs
 
 
-def generate_event(op: RemoteOperator, request_id: str | None, outputs: dict[str, np.ndarray]) -> bytes:
-    """One server-sent event of Triton's generate extension: the outputs as JSON values by name."""
+def generate_body(op: RemoteOperator, request_id: str | None, outputs: dict[str, np.ndarray]) -> bytes:
+    """One response of Triton's generate extension: the outputs as JSON values by name."""
     event: dict[str, Any] = {"model_name": op.name, "model_version": str(op.version)}
     if request_id is not None:
         event["id"] = request_id
     for name, arr in outputs.items():
         event[name] = arr.tolist()
-    return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+    return json.dumps(event, separators=(",", ":")).encode()
 
 
 class BodyTimeout(TimeoutError):
@@ -334,7 +334,7 @@ class HttpFrontDoor:
                         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                                "Cache-Control": "no-cache"})
                         await response.prepare(request)
-                    await response.write(generate_event(op, request_id, last))
+                    await response.write(b"data: " + generate_body(op, request_id, last) + b"\n\n")
         except BodyTimeout as late:
             self.core.record("http", op, "408", False, started, request_id, late)
             return _json({"error": str(late)}, 408)
@@ -357,5 +357,4 @@ class HttpFrontDoor:
             return response
         if last is None:
             raise InvalidRequestError(f"model {m['model']!r} ended request {request_id} without a response")
-        return web.Response(body=generate_event(op, request_id, last)[len(b"data: "):-2],
-                            content_type="application/json")
+        return web.Response(body=generate_body(op, request_id, last), content_type="application/json")

@@ -152,17 +152,16 @@ class RemoteOperator:
         """
         request_id = request_id or new_request_id()
         stream = ResponseStream(self.session, request_id, self.name)
-        stream.start(self._stream(stream, inputs, parameters, request_id, timeout, output_device))
+        stream.start(self._stream(inputs, parameters, request_id, timeout, output_device))
         return stream
 
-    async def _stream(self, stream: ResponseStream, inputs: Any, parameters: Any, request_id: str,
-                      timeout: float | None, output_device: str | None) -> Opened:
+    async def _stream(self, inputs: Any, parameters: Any, request_id: str, timeout: float | None,
+                      output_device: str | None) -> Opened:
         msg, timeout, deadline = await self._request(protocol.STREAM, inputs, parameters, request_id, timeout,
                                                      output_device)
         window = max(1, int(config.get("request.stream-window")))
         msg["window"] = window
         local = self.session.local
-        opened: list[Opened] = []
 
         async def call(replica: str, worker: str) -> dict[str, Any]:
             channel = ResponseChannel(window)
@@ -170,9 +169,8 @@ class RemoteOperator:
                 task = local.stream(dict(msg), channel)
                 upstream: Upstream = LocalUpstream(task, channel)
             else:
-                sent = dict(msg, inputs={k: tensor_to_wire(v) for k, v in msg["inputs"].items()})
                 worker_stream = self.session.pool.get(worker)
-                upstream = WireUpstream(worker_stream, await worker_stream.stream(sent, channel), window)
+                upstream = WireUpstream(worker_stream, await worker_stream.stream(_for_wire(msg), channel), window)
             try:
                 first = await channel.get()
             except BaseException:  # timed out or cancelled before the first response
@@ -181,11 +179,10 @@ class RemoteOperator:
             upstream.read(1)
             if first[2] is not None:
                 return {"error": first[2]}
-            opened.append(Opened(upstream, channel, replica, worker, first, timeout))
-            return {}
+            return {"opened": Opened(upstream, channel, replica, worker, first, timeout)}
 
-        await self._route(msg, call, deadline, timeout)
-        return opened[-1]
+        reply, _, _ = await self._route(msg, call, deadline, timeout)
+        return reply["opened"]
 
     async def _request(self, op: str, inputs: Any, parameters: Any, request_id: str, timeout: float | None,
                        output_device: str | None) -> tuple[dict[str, Any], float, float]:
@@ -276,8 +273,7 @@ class RemoteOperator:
 
     def _sent(self, worker: str, msg: dict[str, Any]) -> Awaitable[dict[str, Any]]:
         """The request sent to its replica's worker, inputs encoded for the wire."""
-        return self.session.pool.get(worker).call(dict(msg, inputs={k: tensor_to_wire(v) for k, v in
-                                                                     msg["inputs"].items()}))
+        return self.session.pool.get(worker).call(_for_wire(msg))
 
     async def _prepare_inputs(self, inputs: Any, request_id: str) -> dict[str, Any]:
         if inputs is None:
@@ -293,6 +289,12 @@ class RemoteOperator:
             checked[name] = check_tensor(name, value)
         check_request_size(checked, request_id)
         return checked  # encoded for the wire only when the replica is in another process
+
+
+def _for_wire(msg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a request's message with its inputs encoded for the wire (``msg`` stays as it is, for a retry on a
+    replica in this process)."""
+    return dict(msg, inputs={k: tensor_to_wire(v) for k, v in msg["inputs"].items()})
 
 
 def _check_parameters(parameters: Any, request_id: str) -> dict[str, Any]:

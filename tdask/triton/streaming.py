@@ -62,7 +62,6 @@ class TritonStreams:
         self.url = url
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
-        self.cancelled = 0  # calls stopped before their final response
 
     def _stubs(self) -> Any:
         if self._stub is None:  # made on first use, on the loop that uses it
@@ -97,8 +96,7 @@ class TritonStreams:
         except grpc.aio.AioRpcError as e:
             raise triton_error(model, e.details() or str(e), str(e.code())) from e
         finally:
-            if not final:
-                self.cancelled += 1
+            if not final:  # the reader stopped early: cancels the request in Triton
                 call.cancel()
 
     async def close(self) -> None:

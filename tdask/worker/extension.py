@@ -273,12 +273,8 @@ class WorkerExtension:
     async def _produce(self, msg: dict[str, Any], sink: Any) -> None:
         """Run one streamed request on its replica; an error ends its stream, whenever it comes."""
         try:
-            replica = self.replicas.get(msg.get("replica"))
-            if replica is None:  # never reached it: another replica may take it
-                raise ReplicaUnavailableError(f"replica {msg.get('replica')} is not running on worker {self.address}",
-                                              retryable=True)
-            await replica.handle(msg.get("request_id", ""), msg.get("inputs") or {}, msg.get("parameters") or {},
-                                 sink)
+            await self._replica(msg).handle(msg.get("request_id", ""), msg.get("inputs") or {},
+                                            msg.get("parameters") or {}, sink)
         except asyncio.CancelledError:
             if not getattr(sink, "cancelled", True):  # not by its caller: the worker is closing
                 sink.fail(ReplicaUnavailableError("request cancelled (its worker is closing)", started=True))
@@ -345,15 +341,19 @@ class WorkerExtension:
             logger.info("request streams on %s", listener.listen_address)
         return {"port": self._listener.port}
 
+    def _replica(self, msg: dict[str, Any]) -> Any:
+        """The replica a request names; never reached it otherwise: another replica may take it."""
+        replica = self.replicas.get(msg.get("replica"))
+        if replica is None:
+            raise ReplicaUnavailableError(f"replica {msg.get('replica')} is not running on worker {self.address}",
+                                          retryable=True)
+        return replica
+
     async def _answer(self, msg: dict[str, Any], serialize: bool) -> dict[str, Any]:
         """Run one request on its replica: outputs or an error, never nothing."""
         try:
-            replica = self.replicas.get(msg.get("replica"))
-            if replica is None:  # never reached it: another replica may take it
-                raise ReplicaUnavailableError(f"replica {msg.get('replica')} is not running on worker {self.address}",
-                                              retryable=True)
-            outputs = await replica.handle(msg.get("request_id", ""), msg.get("inputs") or {},
-                                           msg.get("parameters") or {})
+            outputs = await self._replica(msg).handle(msg.get("request_id", ""), msg.get("inputs") or {},
+                                                      msg.get("parameters") or {})
             outputs = place_outputs(outputs, msg.get("output_device"))
             return {"outputs": self.encode_outputs(outputs, msg.get("keep", False), serialize)}
         except Exception as e:
