@@ -90,6 +90,26 @@ def test_decoupled_model_sends_what_tdask_delivers(loop, session, streaming, tmp
     assert log.read_text().split() == [str(i) for i in range(7)]
 
 
+def test_a_large_streamed_input_reaches_triton_through_shared_memory(loop, session, streaming):
+    """Inputs of tdask.triton.shared-memory-threshold bytes or more are read by Triton from a region (as infer()'s
+    are), smaller ones travel in the message."""
+    async def shm_calls():
+        op = await session.operator("decoder_stream")
+        await op.refresh()
+        counts = await session.client.run(
+            lambda dask_worker: sum(c.shm_calls for c in dask_worker.extensions["tdask"].triton.clients()),
+            workers=sorted(set(op.replicas.values())))
+        return sum(counts.values())
+
+    x = np.arange(200_000, dtype=np.int64)
+    before = loop.run(shm_calls())
+    large = loop.run(_collect(session, "decoder_stream", {"input": ~x}, {"chunk_size": 50_000}))
+    small = loop.run(_collect(session, "decoder_stream", {"input": ~x[:100]}, {"chunk_size": 50}))
+    assert loop.run(shm_calls()) - before == 1
+    np.testing.assert_array_equal(np.concatenate([r["output"] for r in large]), x)
+    np.testing.assert_array_equal(np.concatenate([r["output"] for r in small]), x[:100])
+
+
 @pytest.mark.parametrize("size, chunk", [(3000, 1000), (2345, 1000), (10, 3), (0, 1000)])
 def test_hello_world_streaming_pipeline_gives_back_its_input(loop, session, streaming, size, chunk):
     x = np.random.default_rng(size).integers(-1000, 1000, size, dtype=np.int64)

@@ -162,7 +162,7 @@ class SocketComm(DaskComm):
         self._busy = 0  # reads and writes in progress
         self._landing = landing  # where a large frame is received, when not into a buffer of its own
         self._writing = asyncio.Lock()  # the stream's writer and this comm's own acks take turns
-        self._tail: memoryview | None = None  # what a synchronous send left unsent: it goes out before all else
+        self._tail: list[memoryview] | None = None  # what a synchronous send left unsent: it goes out before all else
         self._tail_task: asyncio.Task | None = None  # held here: the loop keeps only a weak reference to a task
         self.peer_shares_memory = False  # the peer's hello named our host: frames may be lent (:meth:`agree`)
         self._lent: dict[int, tuple[memoryview, lending.Lendable]] = {}  # token -> frame held until acked
@@ -255,7 +255,8 @@ class SocketComm(DaskComm):
         """What a synchronous send (:meth:`try_write`) left unsent goes before anything else."""
         if self._tail is not None:
             tail, self._tail = self._tail, None
-            await self._sendall(tail)
+            for part in tail:
+                await self._sendall(part)
 
     async def _sendall(self, data: bytes | memoryview) -> None:
         call = self._loop.sock_sendall(self.socket, data)
@@ -629,24 +630,29 @@ class SocketComm(DaskComm):
         return total + len(head)
 
     def try_write(self, msg: Any) -> _Encoded | None:
-        """Send ``msg`` now, from the caller's own step, when it is small and nothing else is being written
-        (the usual case): no task and no loop iteration for it. Returns None when it went (a rest the socket
-        did not take goes out before anything else), else the encoded message for :meth:`write_encoded`."""
+        """Send ``msg`` now, from the caller's own step, when nothing else is being written (the usual case):
+        no task and no loop iteration for it. Returns None when it went (a rest the socket did not take goes
+        out before anything else), else the encoded message for :meth:`write_encoded`."""
         encoded = self.encode(msg, on_error="raise")
         head, views, sizes = encoded
-        if sum(sizes) > SMALL or self._writing.locked() or self._tail is not None:
+        if self._writing.locked() or self._tail is not None:
             return encoded
-        data = b"".join([head, *views])
+        # small: one buffer; large: the frames where they lie, in one call (a large frame is not copied)
+        parts = ([memoryview(b"".join([head, *views]))] if sum(sizes) <= SMALL
+                 else [memoryview(part).cast("B") for part in (head, *views)])
         try:
-            sent = self.socket.send(data)
+            sent = self.socket.sendmsg(parts)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as e:
             self.abort()
             raise CommClosedError(f"connection to {self.peer_address} broke: {e}") from e
-        if sent < len(data):
-            self._tail = memoryview(data)[sent:]
-            self._tail_task = asyncio.ensure_future(self._flush_tail())
+        for i, part in enumerate(parts):
+            if sent < part.nbytes:
+                self._tail = [part[sent:], *parts[i + 1:]]
+                self._tail_task = asyncio.ensure_future(self._flush_tail())
+                break
+            sent -= part.nbytes
         return None
 
     async def _flush_tail(self) -> None:

@@ -99,8 +99,11 @@ class ResponseStream:
             else:
                 opened = self._opened
                 try:
-                    async with compat.timeout(opened.timeout):
+                    if opened.channel.items:  # here already: no timer to set
                         outputs, final, error = await opened.channel.get()
+                    else:
+                        async with compat.timeout(opened.timeout):
+                            outputs, final, error = await opened.channel.get()
                 except TimeoutErrors:
                     raise RequestTimeoutError(
                         f"request {self.request_id} to operator {self.operator!r}: no response within "

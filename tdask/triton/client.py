@@ -21,9 +21,11 @@ the message) only for idempotent operators; any other gets an explicit error, ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import shutil
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -245,7 +247,6 @@ class TritonModelClient:
     async def _infer_shm(self, model: str, typed: list[tuple[str, str, np.ndarray]], in_bytes: int,
                          outs: list[tuple[str, bool]], parameters: dict | None, request_id: str,
                          model_version: str, idempotent: bool) -> dict[str, np.ndarray]:
-        pool = self._region_pool()
         key = (model, model_version, repr(sorted((parameters or {}).items())))
         known = self._ratio.get(key)
         ratio = max(1.0, known or 1.0)
@@ -254,6 +255,43 @@ class TritonModelClient:
         sized = {name for name, var in outs if var}  # variable-size outputs: their size is learnt
         variable = sized if known is not None else set()
         out_capacity = _aligned(int(in_bytes * ratio) + _ALIGN)
+        async with self._inputs_in_regions(typed, out_capacity * len(variable)) as (in_regions, region, lease, offset):
+            out_regions: dict[str, OutputRegion] = {}
+            for name, _ in outs:
+                if name in variable:
+                    out_regions[name] = OutputRegion(region.name, out_capacity, offset,
+                                                     functools.partial(_view, lease, offset))
+                    offset += out_capacity
+            names = [name for name, _ in outs]
+            try:
+                arrays = await self._http.infer(model, model_version, request_id, typed, parameters, names,
+                                                in_regions=in_regions, out_regions=out_regions)
+            except TritonError as e:
+                if "shared memory" not in str(e) or not variable:
+                    raise
+                # An output did not fit its region: the model ran, its output is lost.
+                self._learn(key, ratio * 4)
+                if not idempotent:
+                    raise TritonError(
+                        f"{model}: an output was larger than the {out_capacity}-byte shared-memory region "
+                        f"sized from earlier requests with these parameters, so Triton could not return it; "
+                        f"the model ran, and is not run again because its operator is not idempotent (set "
+                        f"idempotent=True to allow that). Later requests get a larger region.") from e
+                logger.info("%s: output larger than %d bytes; running it again with outputs in the message",
+                            model, out_capacity)
+                arrays = await self._http.infer(model, model_version, request_id, typed, parameters, names)
+            self._learn(key, max((arrays[name].nbytes for name in sized if name in arrays), default=0) / in_bytes)
+            self.shm_calls += 1
+            return arrays
+
+    @contextlib.asynccontextmanager
+    async def _inputs_in_regions(self, typed: list[tuple[str, str, np.ndarray]], extra: int = 0,
+                                 ) -> AsyncIterator[tuple[dict[str, InputRegion], Region, Any, int]]:
+        """Where each input lies in a region registered with the server: where it already was (an earlier
+        output, a peer's loan) or copied into a leased region taken with ``extra`` bytes more. Yields the
+        inputs' places, that region, its lease and the offset of the extra bytes; the region is retired when
+        the body fails (the server may still write into it)."""
+        pool = self._region_pool()
         in_regions: dict[str, InputRegion] = {}
         peers = []  # lenders' regions read in place: kept registered until the call ends
         try:
@@ -267,8 +305,8 @@ class TritonModelClient:
                     self.shm_inputs_from_peers += 1
             self.shm_inputs_in_place += len(in_regions)
             copied = sum(_aligned(a.nbytes) for name, _, a in typed if name not in in_regions)
-            region = await self._take(copied + out_capacity * len(variable))
-            lease = pool.lease(region)  # the region is back in the pool once the last output viewing it is gone
+            region = await self._take(copied + extra)
+            lease = pool.lease(region)  # the region is back in the pool once the last view of it is gone
             try:
                 offset = 0
                 for name, _, array in typed:
@@ -276,39 +314,36 @@ class TritonModelClient:
                         region.view(array.dtype, list(array.shape), offset)[...] = array
                         in_regions[name] = InputRegion(region.name, offset)
                         offset += _aligned(array.nbytes)
-                out_regions: dict[str, OutputRegion] = {}
-                for name, _ in outs:
-                    if name in variable:
-                        out_regions[name] = OutputRegion(region.name, out_capacity, offset,
-                                                         functools.partial(_view, lease, offset))
-                        offset += out_capacity
-                names = [name for name, _ in outs]
-                try:
-                    arrays = await self._http.infer(model, model_version, request_id, typed, parameters, names,
-                                                    in_regions=in_regions, out_regions=out_regions)
-                except TritonError as e:
-                    if "shared memory" not in str(e) or not variable:
-                        raise
-                    # An output did not fit its region: the model ran, its output is lost.
-                    self._learn(key, ratio * 4)
-                    if not idempotent:
-                        raise TritonError(
-                            f"{model}: an output was larger than the {out_capacity}-byte shared-memory region "
-                            f"sized from earlier requests with these parameters, so Triton could not return it; "
-                            f"the model ran, and is not run again because its operator is not idempotent (set "
-                            f"idempotent=True to allow that). Later requests get a larger region.") from e
-                    logger.info("%s: output larger than %d bytes; running it again with outputs in the message",
-                                model, out_capacity)
-                    arrays = await self._http.infer(model, model_version, request_id, typed, parameters, names)
-                self._learn(key, max((arrays[name].nbytes for name in sized if name in arrays), default=0) / in_bytes)
-                self.shm_calls += 1
-                return arrays
+                yield in_regions, region, lease, offset
             except BaseException:
-                region.retire()  # the server may still write into it: do not reuse
+                region.retire()
                 raise
         finally:
             for peer in peers:
                 self._peers.done(peer)  # type: ignore[union-attr]
+
+    async def stream(self, model: str, inputs: dict[str, np.ndarray], *, parameters: dict | None = None,
+                     request_id: str = "", model_version: str = "",
+                     ) -> AsyncIterator[tuple[dict[str, np.ndarray] | None, bool]]:
+        """A decoupled model's responses (:meth:`TritonStreams.stream`); Triton reads inputs of the
+        shared-memory threshold or more from a region, as :meth:`infer`'s, not from the message."""
+        typed = [(name, self._check(name, array), array) for name, array in inputs.items()]
+        threshold = int(config.get("triton.shared-memory-threshold") or 0)
+        if (threshold <= 0 or any(datatype == "BYTES" for _, datatype, _ in typed)
+                or sum(array.nbytes for _, _, array in typed) < threshold):
+            async with contextlib.aclosing(self.streams.stream(model, inputs, parameters=parameters,
+                                                               request_id=request_id,
+                                                               model_version=model_version)) as responses:
+                async for response in responses:
+                    yield response
+            return
+        async with self._inputs_in_regions(typed) as (in_regions, _, _, _):
+            async with contextlib.aclosing(self.streams.stream(model, inputs, parameters=parameters,
+                                                               request_id=request_id, model_version=model_version,
+                                                               in_regions=in_regions)) as responses:
+                async for response in responses:
+                    yield response
+            self.shm_calls += 1
 
     def _learn(self, key: tuple[str, str, str], ratio: float) -> None:
         self._ratio[key] = max(self._ratio.pop(key, 0.0), ratio)  # re-inserted: the newest are kept

@@ -1,6 +1,8 @@
 """Streamed requests to a Triton server's decoupled models: one ``ModelStreamInfer`` call per request, over
 Triton's generated gRPC stubs (shipped with ``tritonclient``), so that cancelling the call cancels the request in
-Triton. Each call asks for Triton's empty final response, which tells the end of a request's responses."""
+Triton. Each call asks for Triton's empty final response, which tells the end of a request's responses. The next
+request's call is opened when a request ends, so that its setup is not on that request's path; inputs that lie in
+shared memory are named, not sent (:meth:`tdask.triton.client.TritonModelClient.stream`)."""
 
 from __future__ import annotations
 
@@ -13,14 +15,16 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
 from tdask.errors import InvalidRequestError, TritonError
-from tdask.triton.http import triton_error
+from tdask.triton.http import InputRegion, triton_error
 
 FINAL = "triton_final_response"
 
 
 def stream_request(model: str, inputs: dict[str, np.ndarray], parameters: dict[str, Any] | None,
-                   request_id: str, model_version: str = "") -> service_pb2.ModelInferRequest:
-    """A ``ModelInferRequest`` with raw tensor contents and Triton's empty final response asked for."""
+                   request_id: str, model_version: str = "",
+                   in_regions: dict[str, InputRegion] | None = None) -> service_pb2.ModelInferRequest:
+    """A ``ModelInferRequest`` with Triton's empty final response asked for; inputs named in ``in_regions``
+    are read from shared memory, the others sent as raw contents."""
     request = service_pb2.ModelInferRequest(model_name=model, model_version=model_version, id=request_id)
     for name, array in inputs.items():
         datatype = np_to_triton_dtype(array.dtype) if isinstance(array, np.ndarray) else None
@@ -29,7 +33,13 @@ def stream_request(model: str, inputs: dict[str, np.ndarray], parameters: dict[s
                                       f"{getattr(array, 'dtype', type(array).__name__)}")
         tensor = request.inputs.add(name=name, datatype=datatype)
         tensor.shape.extend(array.shape)
-        request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+        if in_regions and name in in_regions:
+            where = in_regions[name]
+            tensor.parameters["shared_memory_region"].string_param = where.region
+            tensor.parameters["shared_memory_byte_size"].int64_param = array.nbytes
+            tensor.parameters["shared_memory_offset"].int64_param = where.offset
+        else:
+            request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
     for key, value in (parameters or {}).items():
         param = request.parameters[key]
         if isinstance(value, bool):
@@ -62,6 +72,7 @@ class TritonStreams:
         self.url = url
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
+        self._spare: Any = None  # a call opened ahead of the next request: its setup is not on that request's path
 
     def _stubs(self) -> Any:
         if self._stub is None:  # made on first use, on the loop that uses it
@@ -70,13 +81,20 @@ class TritonStreams:
             self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub
 
+    def _call(self) -> Any:
+        """A ``ModelStreamInfer`` call for one request: the spare opened after the last request, or a new one."""
+        call, self._spare = self._spare, None
+        if call is None or call.done():
+            call = self._stubs().ModelStreamInfer()
+        return call
+
     async def stream(self, model: str, inputs: dict[str, np.ndarray], *, parameters: dict | None = None,
-                     request_id: str = "", model_version: str = "",
+                     request_id: str = "", model_version: str = "", in_regions: dict[str, InputRegion] | None = None,
                      ) -> AsyncIterator[tuple[dict[str, np.ndarray] | None, bool]]:
         """``(outputs or None, final)`` for each response of the request, the last one final. Closing the
         iterator early cancels the request in Triton."""
-        request = stream_request(model, inputs, parameters, request_id, model_version)
-        call = self._stubs().ModelStreamInfer()
+        request = stream_request(model, inputs, parameters, request_id, model_version, in_regions)
+        call = self._call()
         final = False
         try:
             await call.write(request)
@@ -98,8 +116,13 @@ class TritonStreams:
         finally:
             if not final:  # the reader stopped early: cancels the request in Triton
                 call.cancel()
+            if self._spare is None and self._channel is not None:
+                self._spare = self._stub.ModelStreamInfer()
 
     async def close(self) -> None:
+        if self._spare is not None:
+            self._spare.cancel()
+            self._spare = None
         if self._channel is not None:
             channel, self._channel, self._stub = self._channel, None, None
             await channel.close()
