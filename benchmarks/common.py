@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import statistics
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,6 +45,7 @@ class Measurement:
     elapsed: float = 0.0
     errors: int = 0
     first_error: str | None = None
+    rounds: list[tuple[float | None, float | None]] = field(default_factory=list)  # (req/s, p50 s) per add
 
     def add(self, latencies: list[float], elapsed: float, errors: int, first_error: str | None) -> None:
         self.latencies.extend(latencies)
@@ -49,6 +53,7 @@ class Measurement:
         self.errors += errors
         if self.first_error is None:
             self.first_error = first_error
+        self.rounds.append((len(latencies) / elapsed if elapsed > 0 else None, percentile(latencies, 50)))
 
     def summary(self) -> dict[str, Any]:
         n = len(self.latencies)
@@ -61,7 +66,19 @@ class Measurement:
             "throughput": round(n / self.elapsed, 2) if self.elapsed > 0 else None,
             "p50_ms": _ms(percentile(self.latencies, 50)),
             "p99_ms": _ms(percentile(self.latencies, 99)),
+            # per round, so that ratios can be medians of interleaved rounds rather than of pooled latencies
+            "round_throughputs": [None if t is None else round(t, 2) for t, _ in self.rounds],
+            "round_p50_ms": [_ms(p) for _, p in self.rounds],
         }
+
+
+def median_of_rounds(a: dict[str, Any], b: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(a's throughput / b's, a's p50 - b's in ms), each the median over the rounds both ran (``summary()``'s
+    ``round_*``): rounds are interleaved, so each round's pair saw the same conditions of a drifting host."""
+    thr = [t / u for t, u in zip(a["round_throughputs"], b["round_throughputs"], strict=True) if t and u]
+    p50 = [p - q for p, q in zip(a["round_p50_ms"], b["round_p50_ms"], strict=True) if p is not None and q is not None]
+    return (round(statistics.median(thr), 3) if thr else None,
+            round(statistics.median(p50), 3) if p50 else None)
 
 
 class CpuBusy:
@@ -160,8 +177,8 @@ def plot(path: Path, results: dict[str, Any]) -> Path:
     scaling = results.get("scaling", [])
     ncols = len(sizes) + (1 if scaling else 0)
     fig, axes = plt.subplots(2, max(1, ncols), figsize=(5.2 * max(1, ncols), 8), squeeze=False)
-    colors = {"direct": "tab:gray", "tdask_pipeline": "tab:blue", "tdask_chained": "tab:orange",
-              "tdask_pipeline_deploy_layout": "tab:green"}
+    colors = {"direct": "tab:gray", "direct_sync": "black", "direct_shm": "tab:purple", "tdask_pipeline": "tab:blue",
+              "tdask_chained": "tab:orange", "tdask_pipeline_deploy_layout": "tab:green"}
     for col, size in enumerate(sizes):
         mine = [c for c in cells if c["size"] == size]
         conc = sorted({c["concurrency"] for c in mine})
@@ -286,3 +303,186 @@ class StockClient:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def run_threads(call: Callable[[int, np.ndarray], None], x: np.ndarray, concurrency: int,
+                duration: float | None = None,
+                requests: int | None = None) -> tuple[list[float], float, int, str | None]:
+    """:func:`run_load` for blocking clients: ``concurrency`` threads, thread ``slot`` looping ``call(slot, x)``
+    (with that slot's own client) until ``duration`` passed or ``requests`` were sent. It blocks: the event loop
+    runs it with ``asyncio.to_thread``, so the tdask processes this one hosts (the scheduler) keep running."""
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors = [0] * concurrency
+    first_errors: list[str] = []
+    tickets = iter(range(requests)) if requests is not None else None  # next() is atomic under the GIL
+    start = time.perf_counter()
+    deadline = start + duration if duration is not None else float("inf")
+
+    def loop(slot: int) -> None:
+        mine = latencies[slot]
+        while time.perf_counter() < deadline and (tickets is None or next(tickets, None) is not None):
+            t0 = time.perf_counter()
+            try:
+                call(slot, x)
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                errors[slot] += 1
+                if not first_errors:
+                    first_errors.append(f"{type(e).__name__}: {e}"[:500])
+                continue
+            mine.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=loop, args=(slot,), name=f"direct-slot-{slot}", daemon=True)
+               for slot in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return ([t for mine in latencies for t in mine], time.perf_counter() - start, sum(errors),
+            first_errors[0] if first_errors else None)
+
+
+class SyncDirect:
+    """The form of Triton's own examples: ``tritonclient.grpc``'s blocking client, one per thread (a slot of
+    :func:`run_threads`), encoder then decoder with the returned ``input_copies``; tensors travel in the gRPC
+    messages. Without an event loop between the caller and grpcio, it is a stronger yardstick than the asyncio
+    client of :class:`StockClient`. Slots are set up once by :meth:`prepare` and kept for later cells."""
+
+    def __init__(self, url: str) -> None:
+        import tritonclient.grpc as module
+
+        self.module = module
+        self.url = url.removeprefix("http://")
+        self.clients: list[Any] = []
+
+    def prepare(self, x: np.ndarray, concurrency: int) -> None:
+        """Slots ``0..concurrency-1`` ready for requests like ``x``; each new one calls once, so that neither its
+        connection nor its first-call costs are measured (a failure there is left to the measured calls). Blocks."""
+        fresh = [slot for slot in range(concurrency) if not self._ready(slot, x)]
+        for slot in fresh:
+            self._setup(slot, x)
+        for slot in fresh:
+            with contextlib.suppress(Exception):
+                self.call(slot, x)
+
+    def _ready(self, slot: int, x: np.ndarray) -> bool:
+        return slot < len(self.clients)
+
+    def _setup(self, slot: int, x: np.ndarray) -> None:
+        while len(self.clients) <= slot:
+            self.clients.append(self.module.InferenceServerClient(self.url))
+
+    def _input(self, x: np.ndarray) -> Any:
+        tensor = self.module.InferInput("input", list(x.shape), "INT64")
+        tensor.set_data_from_numpy(x)
+        return tensor
+
+    def call(self, slot: int, x: np.ndarray) -> None:
+        client = self.clients[slot]
+        encoded = client.infer("encoder", [self._input(x)])
+        copies = int(encoded.as_numpy("input_copies").reshape(-1)[0])
+        decoded = client.infer("decoder", [self._input(encoded.as_numpy("output"))],
+                               parameters={"input_copies": copies})
+        check(x, decoded.as_numpy("output"))
+
+    def close(self) -> None:
+        for client in self.clients:
+            with contextlib.suppress(Exception):
+                client.close()
+        self.clients.clear()
+
+
+@dataclass
+class Region:
+    """A system shared-memory region of this process, and whether Triton has it registered."""
+
+    name: str
+    handle: Any
+    nbytes: int
+    registered: bool = False
+
+
+class ShmDirect(SyncDirect):
+    """:class:`SyncDirect` with every tensor in Triton's system shared memory (its ``shm`` examples): per slot, the
+    request's input, the encoder's ``output`` and ``input_copies`` and the decoder's ``output`` each have a region
+    registered with the server, and the encoder's output region is the decoder's input in place: no tensor byte
+    travels in a gRPC message. The input is written into its region per request (a caller's data has to get
+    there) and the answer is checked where it lies. The regions are sized for the encoder's default
+    ``input_copies`` of 1 (a larger one overflows them: an error of the request). Region names carry this
+    process's id and the slot; :meth:`close` unregisters and unlinks every one, also after a failed setup."""
+
+    TENSORS = ("input", "encoded", "copies", "decoded")
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        from tritonclient.utils import shared_memory
+
+        self.shm = shared_memory
+        self.size: int | None = None
+        self.regions: dict[int, dict[str, Region]] = {}
+        self.cleanup_errors: list[str] = []
+
+    def prepare(self, x: np.ndarray, concurrency: int) -> None:
+        if x.size != self.size:  # new regions for a new size; the old ones go first (8 MB x 3 x slots)
+            self._release()
+            self.size = x.size
+        super().prepare(x, concurrency)
+
+    def _ready(self, slot: int, x: np.ndarray) -> bool:
+        return super()._ready(slot, x) and len(self.regions.get(slot, {})) == len(self.TENSORS)
+
+    def _setup(self, slot: int, x: np.ndarray) -> None:
+        super()._setup(slot, x)
+        regions = self.regions.setdefault(slot, {})  # recorded as soon as made: _release finds them all
+        for tensor in self.TENSORS:
+            if tensor in regions:
+                continue
+            name = f"tdask-bench-{os.getpid()}-{x.size}-{slot}-{tensor}"
+            nbytes = 8 if tensor == "copies" else x.nbytes
+            region = regions[tensor] = Region(name, self.shm.create_shared_memory_region(
+                name, "/" + name, nbytes, create_only=True), nbytes)
+            self.clients[slot].register_system_shared_memory(name, "/" + name, nbytes)
+            region.registered = True
+
+    def _output(self, name: str, region: Region) -> Any:
+        out = self.module.InferRequestedOutput(name)
+        out.set_shared_memory(region.name, region.nbytes)
+        return out
+
+    def call(self, slot: int, x: np.ndarray) -> None:
+        client, r, m = self.clients[slot], self.regions[slot], self.module
+        self.shm.set_shared_memory_region(r["input"].handle, [x])
+        tensor = m.InferInput("input", list(x.shape), "INT64")
+        tensor.set_shared_memory(r["input"].name, x.nbytes)
+        encoded = client.infer("encoder", [tensor], outputs=[self._output("output", r["encoded"]),
+                                                              self._output("input_copies", r["copies"])])
+        copies = int(self.shm.get_contents_as_numpy(r["copies"].handle, np.int64, [1])[0])
+        shape = list(encoded.get_output("output").shape)
+        tensor = m.InferInput("input", shape, "INT64")
+        tensor.set_shared_memory(r["encoded"].name, 8 * int(np.prod(shape)))
+        decoded = client.infer("decoder", [tensor], outputs=[self._output("output", r["decoded"])],
+                               parameters={"input_copies": copies})
+        check(x, self.shm.get_contents_as_numpy(r["decoded"].handle, np.int64,
+                                                list(decoded.get_output("output").shape)))
+
+    def _release(self) -> None:
+        """Unregister (from the server) and unlink every region; what fails is kept in ``cleanup_errors``."""
+        for slot, regions in self.regions.items():
+            for region in regions.values():
+                try:
+                    if region.registered:
+                        self.clients[slot].unregister_system_shared_memory(region.name)
+                except Exception as e:  # noqa: BLE001 - reported; the region is unlinked all the same
+                    self.cleanup_errors.append(f"unregister {region.name}: {type(e).__name__}: {e}"[:300])
+                try:
+                    self.shm.destroy_shared_memory_region(region.handle)
+                except Exception as e:  # noqa: BLE001 - reported
+                    self.cleanup_errors.append(f"destroy {region.name}: {type(e).__name__}: {e}"[:300])
+        self.regions.clear()
+        self.size = None
+
+    def close(self) -> None:
+        try:
+            self._release()
+        finally:
+            super().close()
+

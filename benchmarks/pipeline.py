@@ -6,6 +6,10 @@ One run, one machine, the same ``operators/triton_core_models`` with the same in
   allocator settings tdask's servers get from their worker) hosting encoder and decoder; each request
   calls encoder, then decoder with the returned ``input_copies`` through one ``tritonclient.grpc.aio``
   client, and checks the output.
+* ``direct_sync``: the same server and calls through ``tritonclient.grpc``'s blocking client, one client per
+  thread, ``concurrency`` threads (the form of Triton's own examples).
+* ``direct_shm``: ``direct_sync`` with every tensor in Triton's system shared memory, the encoder's output region
+  the decoder's input (sizes of at least ``--shm-min-size`` elements).
 * ``tdask_pipeline``: the hello-world deployment (encoder, decoder, encoder_decoder) on an embedded
   cluster, on one worker (``--workers 1``, one Triton server like direct) or one worker each
   (``--workers 3``, deploy's placement); requests go to ``encoder_decoder``.
@@ -14,8 +18,10 @@ One run, one machine, the same ``operators/triton_core_models`` with the same in
   (encoder, decoder and encoder_decoder on a worker each), on an embedded cluster of its own that lives beside
   the main one while the cells run (``--no-deploy-layout``: not measured; not with ``--workers 3``).
 
-Cells are measured interleaved (direct, pipeline, chained, deploy's layout, repeated ``--rounds`` times) so
-the ratios come from the same conditions. Then scaling (1..N replicas of encoder, decoder and
+Cells are measured interleaved (the direct forms, pipeline, chained, deploy's layout, repeated ``--rounds``
+times) so the ratios come from the same conditions: each tdask row's against the cell's strongest direct form (its
+``reference``, the one of highest throughput) and against ``direct``, each the median over rounds of the
+per-round ratio. Then scaling (1..N replicas of encoder, decoder and
 encoder_decoder on one worker per core, each model sleeping ``--scaling-delay-ms`` per request)
 and a memory run (peak RSS per process).
 """
@@ -42,14 +48,18 @@ from benchmarks.common import (
     RESULTS,
     CpuBusy,
     Measurement,
+    ShmDirect,
     StockClient,
+    SyncDirect,
     check,
     environment,
     int_list,
+    median_of_rounds,
     plot,
     print_table,
     ratio,
     run_load,
+    run_threads,
     write_json,
 )
 
@@ -59,7 +69,11 @@ MODELS = OPERATORS / "triton_core_models"
 DEPLOY_LAYOUT = "tdask_pipeline_deploy_layout"
 DEPLOY_WORKERS = 3  # deploy's default placement: encoder, decoder and encoder_decoder on a worker each
 
+# the forms of calling Triton directly (--direct) and their rows
+DIRECT_FORMS = {"async": "direct", "sync": "direct_sync", "shm": "direct_shm"}
+
 Call = Callable[[np.ndarray], Awaitable[None]]
+Load = Callable[..., Awaitable[tuple[list[float], float, int, str | None]]]  # (x, concurrency, duration=, requests=)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deploy-layout", action=argparse.BooleanOptionalAction, default=True,
                    help=f"also measure the pipeline with deploy's default placement ({DEPLOY_LAYOUT}: a "
                         f"cluster of {DEPLOY_WORKERS} workers beside the main one, in the same interleaved cells)")
+    p.add_argument("--direct", type=direct_forms, default="async,sync,shm",
+                   help="forms of calling Triton directly: async (one tritonclient.grpc.aio client: the 'direct' "
+                        "row of older results), sync (tritonclient.grpc, a client per thread), shm (sync with "
+                        "every tensor in system shared memory); tdask's ratios are against the strongest of a cell")
+    p.add_argument("--shm-min-size", type=int, default=100_000,
+                   help="the shm form runs for sizes of at least this many elements (below, the messages are "
+                        "small and registering regions buys nothing)")
     p.add_argument("--instances", type=int, default=2,
                    help="Triton model instances of encoder and decoder (both sides)")
     p.add_argument("--max-inflight", type=int, default=16, help="tdask max in-flight per encoder/decoder replica")
@@ -100,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="JSON result file (default benchmarks/results/pipeline[-smoke].json)")
     p.add_argument("--no-plot", action="store_true")
     return p
+
+
+def direct_forms(text: str) -> list[str]:
+    """``"sync,shm"`` -> ``["sync", "shm"]``, each one of :data:`DIRECT_FORMS`."""
+    forms = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = sorted(set(forms) - set(DIRECT_FORMS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown direct forms {unknown} (known: {', '.join(DIRECT_FORMS)})")
+    return forms
 
 
 def setting(text: str) -> tuple[str, Any]:
@@ -129,6 +159,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.output is None:
         args.output = str(RESULTS / ("pipeline-smoke.json" if smoke else "pipeline.json"))
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if isinstance(args.direct, str):  # argparse leaves a string default unparsed
+        args.direct = direct_forms(args.direct)
     args.deploy_layout = args.deploy_layout and args.workers != DEPLOY_WORKERS  # else the main one is it
     return args
 
@@ -250,34 +282,76 @@ class RssSampler:
 
 
 # -- the run ------------------------------------------------------------------------------
+def async_load(call: Call) -> Load:
+    async def load(x: np.ndarray, concurrency: int, duration: float | None = None,
+                   requests: int | None = None) -> tuple[list[float], float, int, str | None]:
+        return await run_load(call, x, concurrency, duration=duration, requests=requests)
+    return load
+
+
+def thread_load(direct: SyncDirect) -> Load:
+    """A blocking direct form's load, off the event loop (which keeps serving the tdask side's scheduler)."""
+    async def load(x: np.ndarray, concurrency: int, duration: float | None = None,
+                   requests: int | None = None) -> tuple[list[float], float, int, str | None]:
+        await asyncio.to_thread(direct.prepare, x, concurrency)  # clients (and regions) once, not per request
+        return await asyncio.to_thread(run_threads, direct.call, x, concurrency, duration, requests)
+    return load
+
+
+def compare(systems: dict[str, dict[str, Any]]) -> str | None:
+    """Each row's ratios against the cell's strongest direct form (returned: its name) and tdask's rows' against
+    ``direct`` too (``*_vs_async``); medians over the interleaved rounds."""
+    directs = [s for s in systems if s in DIRECT_FORMS.values()]
+    reference = max(directs, key=lambda s: systems[s]["throughput"] or 0.0, default=None)
+    for name, s in systems.items():
+        if reference is not None and name != reference:
+            ref = systems[reference]
+            s["throughput_ratio"], s["p50_overhead_ms"] = median_of_rounds(s, ref)
+            s["p50_ratio"] = ratio(s["p50_ms"], ref["p50_ms"])
+        if name not in DIRECT_FORMS.values() and "direct" in systems:
+            s["throughput_ratio_vs_async"], s["p50_overhead_ms_vs_async"] = median_of_rounds(s, systems["direct"])
+    return reference
+
+
 async def measure_cells(args: argparse.Namespace, direct: StockClient, td: Tdask,
-                        deploy_layout: Tdask | None = None) -> list[dict[str, Any]]:
-    calls = {"direct": direct.direct, "tdask_pipeline": td.call_pipeline, "tdask_chained": td.call_chained}
+                        deploy_layout: Tdask | None = None, direct_url: str | None = None) -> list[dict[str, Any]]:
+    """Every (size, concurrency) cell; the blocking direct forms need ``direct_url`` (the server's gRPC address)."""
+    blocking: dict[str, SyncDirect] = {}
+    if direct_url is not None and "sync" in args.direct:
+        blocking["direct_sync"] = SyncDirect(direct_url)
+    if direct_url is not None and "shm" in args.direct:
+        blocking["direct_shm"] = ShmDirect(direct_url)
+    loads: dict[str, Load] = {"direct": async_load(direct.direct)} if "async" in args.direct else {}
+    loads.update({name: thread_load(d) for name, d in blocking.items()})
+    loads.update(tdask_pipeline=async_load(td.call_pipeline), tdask_chained=async_load(td.call_chained))
     if deploy_layout is not None:
-        calls[DEPLOY_LAYOUT] = deploy_layout.call_pipeline
+        loads[DEPLOY_LAYOUT] = async_load(deploy_layout.call_pipeline)
     cells = []
-    for size in args.sizes:
-        x = np.arange(size, dtype=np.int64)
-        for call in calls.values():  # warm-up: connections, first-call costs
-            await run_load(call, x, 1, requests=2)
-        for conc in args.concurrency:
-            ms = {s: Measurement(s) for s in calls}
-            for _ in range(args.rounds):
-                for system, call in calls.items():
-                    ms[system].add(*await run_load(call, x, conc, duration=args.duration))
-            systems = {s: m.summary() for s, m in ms.items()}
-            d = systems["direct"]
-            for s in [name for name in calls if name != "direct"]:
-                systems[s]["throughput_ratio"] = ratio(systems[s]["throughput"], d["throughput"])
-                systems[s]["p50_ratio"] = ratio(systems[s]["p50_ms"], d["p50_ms"])
-                systems[s]["p50_overhead_ms"] = (round(systems[s]["p50_ms"] - d["p50_ms"], 3)
-                                                 if systems[s]["p50_ms"] is not None and d["p50_ms"] is not None
-                                                 else None)
-            cell = {"size": size, "concurrency": conc, "systems": systems}
-            cells.append(cell)
-            print(f"size {size} concurrency {conc}: " + ", ".join(
-                f"{s} {v['throughput']}/s p50 {v['p50_ms']} ms errors {v['errors']}" for s, v in systems.items()),
-                flush=True)
+    try:
+        for size in args.sizes:
+            x = np.arange(size, dtype=np.int64)
+            mine = {s: load for s, load in loads.items() if s != "direct_shm" or size >= args.shm_min_size}
+            for load in mine.values():  # warm-up: connections, first-call costs
+                await load(x, 1, requests=2)
+            for conc in args.concurrency:
+                ms = {s: Measurement(s) for s in mine}
+                cpu = {s: CpuBusy() for s in mine}
+                for _ in range(args.rounds):
+                    for system, load in mine.items():
+                        cpu[system].start()
+                        ms[system].add(*await load(x, conc, duration=args.duration))
+                        cpu[system].stop()
+                systems = {s: {**m.summary(), "cpu_busy": cpu[s].fraction} for s, m in ms.items()}
+                reference = compare(systems)
+                cells.append({"size": size, "concurrency": conc, "reference": reference, "systems": systems})
+                print(f"size {size} concurrency {conc} (reference {reference}): " + ", ".join(
+                    f"{s} {v['throughput']}/s p50 {v['p50_ms']} ms errors {v['errors']}" for s, v in systems.items()),
+                    flush=True)
+    finally:
+        for name, d in blocking.items():
+            await asyncio.to_thread(d.close)
+            for problem in getattr(d, "cleanup_errors", []):
+                print(f"{name} cleanup: {problem}", file=sys.stderr, flush=True)
     return cells
 
 
@@ -377,6 +451,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "sizes": args.sizes, "concurrency": args.concurrency, "duration_s": args.duration,
             "rounds": args.rounds, "workers": args.workers,
+            "direct_forms": [DIRECT_FORMS[f] for f in args.direct],
+            "shm_min_size": args.shm_min_size if "shm" in args.direct else None,
             "deploy_layout_workers": DEPLOY_WORKERS if args.deploy_layout else None,
             "instances": args.instances,
             "max_inflight": args.max_inflight,
@@ -401,7 +477,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         async with contextlib.AsyncExitStack() as stack:
                             other = (await stack.enter_async_context(hello_world(args, DEPLOY_WORKERS))
                                      if args.deploy_layout else None)
-                            results["cells"] = await measure_cells(args, direct, td, other)
+                            results["cells"] = await measure_cells(args, direct, td, other,
+                                                                   direct_server.grpc_url)
                     if "frontdoor" not in args.skip:
                         results["frontdoor"] = await frontdoor.measure_frontdoor(
                             args, direct_server, td.session.client.scheduler.address)
@@ -436,13 +513,15 @@ def report(results: dict[str, Any]) -> str:
     rows = []
     for cell in results["cells"]:
         for system, s in cell["systems"].items():
-            rows.append({"size": cell["size"], "conc": cell["concurrency"], "system": system, **s})
+            rows.append({"size": cell["size"], "conc": cell["concurrency"], "system": system,
+                         "reference": cell.get("reference", "direct"), **s})
     if rows:
         parts.append(print_table(rows, [
             ("size", "elements"), ("conc", "concurrency"), ("system", "system"), ("throughput", "req/s"),
-            ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("throughput_ratio", "thr / direct"),
-            ("p50_overhead_ms", "p50 - direct ms"), ("requests", "requests"), ("errors", "errors")],
-            "Pipelines: direct Triton gRPC vs tdask"))
+            ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("reference", "reference"), ("throughput_ratio", "thr / ref"),
+            ("p50_overhead_ms", "p50 - ref ms"), ("throughput_ratio_vs_async", "thr / direct"),
+            ("cpu_busy", "CPU busy"), ("requests", "requests"), ("errors", "errors")],
+            "Pipelines: Triton called directly (strongest form: reference) vs tdask"))
     if results.get("frontdoor"):
         parts.append(frontdoor.report(results["frontdoor"]))
     rows = []

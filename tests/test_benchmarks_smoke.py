@@ -24,7 +24,10 @@ def test_benchmark_smoke_run_writes_every_cell(tmp_path):
     expected = {(size, c) for size in settings["sizes"] for c in settings["concurrency"]}
     assert {(c["size"], c["concurrency"]) for c in results["cells"]} == expected
     for cell in results["cells"]:
-        assert set(cell["systems"]) == {"direct", "tdask_pipeline", "tdask_chained", "tdask_pipeline_deploy_layout"}
+        shm = {"direct_shm"} if cell["size"] >= settings["shm_min_size"] else set()
+        assert set(cell["systems"]) == {"direct", "direct_sync", *shm, "tdask_pipeline", "tdask_chained",
+                                        "tdask_pipeline_deploy_layout"}
+        assert cell["reference"] in {"direct", "direct_sync", *shm}
         for name, s in cell["systems"].items():
             assert s["requests"] > 0 and s["errors"] == 0, (cell["size"], cell["concurrency"], name, s)
             for key in ("throughput", "p50_ms", "p99_ms"):
