@@ -286,11 +286,11 @@ class TritonModelClient:
 
     @contextlib.asynccontextmanager
     async def _inputs_in_regions(self, typed: list[tuple[str, str, np.ndarray]], extra: int = 0,
-                                 ) -> AsyncIterator[tuple[dict[str, InputRegion], Region, Any, int]]:
+                                 ) -> AsyncIterator[tuple[dict[str, InputRegion], Region | None, Any, int]]:
         """Where each input lies in a region registered with the server: where it already was (an earlier
         output, a peer's loan) or copied into a leased region taken with ``extra`` bytes more. Yields the
-        inputs' places, that region, its lease and the offset of the extra bytes; the region is retired when
-        the body fails (the server may still write into it)."""
+        inputs' places, that region (None when nothing is copied or added), its lease and the offset of the extra
+        bytes; the region is retired when the body fails (the server may still write into it)."""
         pool = self._region_pool()
         in_regions: dict[str, InputRegion] = {}
         peers = []  # lenders' regions read in place: kept registered until the call ends
@@ -305,6 +305,9 @@ class TritonModelClient:
                     self.shm_inputs_from_peers += 1
             self.shm_inputs_in_place += len(in_regions)
             copied = sum(_aligned(a.nbytes) for name, _, a in typed if name not in in_regions)
+            if copied + extra == 0:  # every input lies in a region already: none to take
+                yield in_regions, None, None, 0
+                return
             region = await self._take(copied + extra)
             lease = pool.lease(region)  # the region is back in the pool once the last view of it is gone
             try:
