@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 U64 = struct.Struct("<Q")
 LOAN = struct.Struct("<QQQ")  # a lent frame: token, offset, size; then the region's name
 SMALL = 64 * 1024  # frames up to this size are read through one reused buffer; larger ones into their own
+_MAX_PARTS = 512  # frames one sendmsg takes at most (the kernel's limit, IOV_MAX, is 1024 on Linux)
 _CONTROL = 1 << 63  # in a count word: a control message (its kind in the low bits), not a Dask message
 _ACK = 2
 SCHEME = "tdask"
@@ -635,10 +636,11 @@ class SocketComm(DaskComm):
         out before anything else), else the encoded message for :meth:`write_encoded`."""
         encoded = self.encode(msg, on_error="raise")
         head, views, sizes = encoded
-        if self._writing.locked() or self._tail is not None:
+        small = sum(sizes) <= SMALL
+        if self._writing.locked() or self._tail is not None or (not small and len(views) >= _MAX_PARTS):
             return encoded
         # small: one buffer; large: the frames where they lie, in one call (a large frame is not copied)
-        parts = ([memoryview(b"".join([head, *views]))] if sum(sizes) <= SMALL
+        parts = ([memoryview(b"".join([head, *views]))] if small
                  else [memoryview(part).cast("B") for part in (head, *views)])
         try:
             sent = self.socket.sendmsg(parts)

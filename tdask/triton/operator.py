@@ -106,8 +106,7 @@ class TritonCoreOperator(Operator):
         if not request.streamed:
             raise InvalidRequestError(f"model {name!r} is decoupled (it may send several responses per request): "
                                       "call it with stream(), not infer()")
-        responses = client.stream(name, inputs, parameters=request.parameters,
-                                          request_id=request.request_id)
+        responses = client.stream(name, inputs, parameters=request.parameters, request_id=request.request_id)
         try:
             async for outputs, final in responses:
                 if outputs is not None:
