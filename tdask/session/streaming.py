@@ -99,11 +99,9 @@ class ResponseStream:
             else:
                 opened = self._opened
                 try:
-                    if opened.channel.items:  # here already: no timer to set
+                    # a response here already needs no timer
+                    async with compat.timeout(None if opened.channel.items else opened.timeout):
                         outputs, final, error = await opened.channel.get()
-                    else:
-                        async with compat.timeout(opened.timeout):
-                            outputs, final, error = await opened.channel.get()
                 except TimeoutErrors:
                     raise RequestTimeoutError(
                         f"request {self.request_id} to operator {self.operator!r}: no response within "

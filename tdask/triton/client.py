@@ -56,6 +56,16 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def _shm_bytes(typed: list[tuple[str, str, np.ndarray]]) -> int | None:
+    """The inputs' bytes where they go through Triton's shared memory (``tdask.triton.shared-memory-threshold``
+    or more, no BYTES tensor), else None."""
+    threshold = int(config.get("triton.shared-memory-threshold") or 0)
+    if threshold <= 0 or any(datatype == "BYTES" for _, datatype, _ in typed):
+        return None
+    size = sum(array.nbytes for _, _, array in typed)
+    return size if size >= threshold else None
+
+
 def _view(lease: Any, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """A view of a region, not a copy: it keeps the region leased while it lives."""
     return np.frombuffer(lease, dtype, int(np.prod(shape, dtype=np.int64)), offset).reshape(shape)
@@ -115,14 +125,12 @@ class TritonModelClient:
         ``idempotent``: the model may run a second time when a large output overflowed its region.
         """
         typed = [(name, self._check(name, array), array) for name, array in inputs.items()]
-        threshold = int(config.get("triton.shared-memory-threshold") or 0)
-        if threshold > 0 and all(datatype != "BYTES" for _, datatype, _ in typed):
-            size = sum(array.nbytes for _, _, array in typed)
-            if size >= threshold:
-                shm_outputs = await self._shm_outputs(model, model_version, outputs)
-                if shm_outputs is not None:
-                    return await self._infer_shm(model, typed, size, shm_outputs, parameters, request_id,
-                                                 model_version, idempotent)
+        size = _shm_bytes(typed)
+        if size is not None:
+            shm_outputs = await self._shm_outputs(model, model_version, outputs)
+            if shm_outputs is not None:
+                return await self._infer_shm(model, typed, size, shm_outputs, parameters, request_id,
+                                             model_version, idempotent)
         return await self._http.infer(model, model_version, request_id, typed, parameters, outputs)
 
     def _region_pool(self) -> RegionPool:
@@ -331,21 +339,16 @@ class TritonModelClient:
         """A decoupled model's responses (:meth:`TritonStreams.stream`); Triton reads inputs of the
         shared-memory threshold or more from a region, as :meth:`infer`'s, not from the message."""
         typed = [(name, self._check(name, array), array) for name, array in inputs.items()]
-        threshold = int(config.get("triton.shared-memory-threshold") or 0)
-        if (threshold <= 0 or any(datatype == "BYTES" for _, datatype, _ in typed)
-                or sum(array.nbytes for _, _, array in typed) < threshold):
-            async with contextlib.aclosing(self.streams.stream(model, inputs, parameters=parameters,
-                                                               request_id=request_id,
-                                                               model_version=model_version)) as responses:
-                async for response in responses:
-                    yield response
-            return
-        async with self._inputs_in_regions(typed) as (in_regions, _, _, _):
-            async with contextlib.aclosing(self.streams.stream(model, inputs, parameters=parameters,
-                                                               request_id=request_id, model_version=model_version,
-                                                               in_regions=in_regions)) as responses:
-                async for response in responses:
-                    yield response
+        async with contextlib.AsyncExitStack() as stack:
+            in_regions = None
+            if _shm_bytes(typed) is not None:
+                in_regions, _, _, _ = await stack.enter_async_context(self._inputs_in_regions(typed))
+            responses = await stack.enter_async_context(contextlib.aclosing(self.streams.stream(
+                model, inputs, parameters=parameters, request_id=request_id, model_version=model_version,
+                in_regions=in_regions)))
+            async for response in responses:
+                yield response
+        if in_regions is not None:
             self.shm_calls += 1
 
     def _learn(self, key: tuple[str, str, str], ratio: float) -> None:
