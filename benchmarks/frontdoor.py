@@ -3,7 +3,9 @@
 * ``direct_grpc`` / ``direct_http``: the client calls Triton's encoder, then its decoder (with the returned
   ``input_copies``), on the direct Triton server of :mod:`benchmarks.pipeline`;
 * ``frontdoor_grpc`` / ``frontdoor_http``: the same client calls ``encoder_decoder`` once through a front door
-  (``tdask-frontdoor``, a process of its own as users run it) of the hello-world deployment.
+  (``tdask-frontdoor``, a process of its own as users run it) of the hello-world deployment;
+* ``workerdoor_grpc`` / ``workerdoor_http``: the same, through the front door inside the first worker
+  (``tdask-frontdoor --on-workers``), which saves the hop from a front door process to the worker.
 
 Cells are interleaved (direct, front door, repeated ``--rounds`` times) and each row records the share of the
 machine's cores busy while it ran.
@@ -61,24 +63,43 @@ async def front_door_process(scheduler_address: str) -> AsyncIterator[tuple[str,
             drain.cancel()
 
 
-async def measure_frontdoor(args: argparse.Namespace, direct_server: Any, scheduler_address: str,
-                            ) -> list[dict[str, Any]]:
-    """Each cell: direct and front door, interleaved, per protocol."""
+@contextlib.asynccontextmanager
+async def worker_front_door(client: Any) -> AsyncIterator[dict[str, str]]:
+    """Front doors placed in the workers (:class:`~tdask.frontdoor.workers.WorkerFrontDoors`): the first worker's
+    addresses ("http", "grpc")."""
+    from tdask.frontdoor import WorkerFrontDoors
+
+    await client.register_plugin(WorkerFrontDoors())
+    try:
+        doors = await client.run(WorkerFrontDoors.addresses)
+        yield doors[min(doors)]
+    finally:
+        await client.unregister_worker_plugin(WorkerFrontDoors.name)
+
+
+SIDES = ("direct", "frontdoor", "workerdoor")
+
+
+async def measure_frontdoor(args: argparse.Namespace, direct_server: Any, client: Any) -> list[dict[str, Any]]:
+    """Each cell: direct, a front door process and a worker's front door, interleaved, per protocol."""
     cells = SMOKE_CELLS if args.smoke else CELLS
     rows = []
-    async with front_door_process(scheduler_address) as (http_url, grpc_address):
+    async with (front_door_process(client.scheduler.address) as (http_url, grpc_address),
+                worker_front_door(client) as in_worker):
         clients = {
             ("grpc", "direct"): StockClient("grpc", direct_server.grpc_url),
             ("grpc", "frontdoor"): StockClient("grpc", grpc_address),
             ("http", "direct"): StockClient("http", direct_server.http_url),
             ("http", "frontdoor"): StockClient("http", http_url),
+            ("grpc", "workerdoor"): StockClient("grpc", in_worker["grpc"]),
+            ("http", "workerdoor"): StockClient("http", in_worker["http"]),
         }
         calls = {key: (c.direct if key[1] == "direct" else c.pipeline) for key, c in clients.items()}
         try:
             for size, conc, protocols in cells:
                 x = np.arange(size, dtype=np.int64)
                 for protocol in protocols:
-                    systems = {f"{side}_{protocol}": calls[(protocol, side)] for side in ("direct", "frontdoor")}
+                    systems = {f"{side}_{protocol}": calls[(protocol, side)] for side in SIDES}
                     for call in systems.values():  # warm-up: connections, first-call costs
                         await run_load(call, x, conc, requests=2 * conc)
                     ms = {s: Measurement(s) for s in systems}
@@ -89,10 +110,12 @@ async def measure_frontdoor(args: argparse.Namespace, direct_server: Any, schedu
                             ms[system].add(*await run_load(call, x, conc, duration=args.duration))
                             cpu[system].stop()
                     summary = {s: {**m.summary(), "cpu_busy": cpu[s].fraction} for s, m in ms.items()}
-                    d, f = summary[f"direct_{protocol}"], summary[f"frontdoor_{protocol}"]
-                    f["throughput_ratio"] = ratio(f["throughput"], d["throughput"])
-                    f["p50_overhead_ms"] = (round(f["p50_ms"] - d["p50_ms"], 3)
-                                            if f["p50_ms"] is not None and d["p50_ms"] is not None else None)
+                    d = summary[f"direct_{protocol}"]
+                    for side in SIDES[1:]:
+                        f = summary[f"{side}_{protocol}"]
+                        f["throughput_ratio"] = ratio(f["throughput"], d["throughput"])
+                        f["p50_overhead_ms"] = (round(f["p50_ms"] - d["p50_ms"], 3)
+                                                if f["p50_ms"] is not None and d["p50_ms"] is not None else None)
                     rows.append({"size": size, "concurrency": conc, "protocol": protocol, "systems": summary})
                     print(f"front door size {size} concurrency {conc} {protocol}: " + ", ".join(
                         f"{s} {v['throughput']}/s p50 {v['p50_ms']} ms errors {v['errors']}"
@@ -112,5 +135,5 @@ def report(rows: list[dict[str, Any]]) -> str:
         ("size", "elements"), ("conc", "concurrency"), ("system", "system"), ("throughput", "req/s"),
         ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("throughput_ratio", "thr / direct"),
         ("p50_overhead_ms", "p50 - direct ms"), ("cpu_busy", "CPU busy"), ("errors", "errors")],
-        "Front door: stock tritonclient through tdask's front door (encoder_decoder) vs the same client calling "
-        "Triton directly (encoder, then decoder)")
+        "Front door: stock tritonclient through tdask's front door (encoder_decoder; frontdoor: a process of its own, "
+        "workerdoor: inside the worker) vs the same client calling Triton directly (encoder, then decoder)")

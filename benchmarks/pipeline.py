@@ -480,8 +480,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             results["cells"] = await measure_cells(args, direct, td, other,
                                                                    direct_server.grpc_url)
                     if "frontdoor" not in args.skip:
-                        results["frontdoor"] = await frontdoor.measure_frontdoor(
-                            args, direct_server, td.session.client.scheduler.address)
+                        results["frontdoor"] = await frontdoor.measure_frontdoor(args, direct_server,
+                                                                                 td.session.client)
                     if "memory" not in args.skip:  # the deploy-layout cluster is gone: every process here is measured
                         results["memory"] = await measure_memory(args, td, direct_server.pid)
             finally:

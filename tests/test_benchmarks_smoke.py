@@ -38,9 +38,10 @@ def test_benchmark_smoke_run_writes_every_cell(tmp_path):
     assert cells == [(1000, 1, "grpc"), (1000, 1, "http"), (100_000, 1, "grpc")]
     for row in results["frontdoor"]:
         systems = row["systems"]
-        assert set(systems) == {f"direct_{row['protocol']}", f"frontdoor_{row['protocol']}"}
+        assert set(systems) == {f"{side}_{row['protocol']}" for side in ("direct", "frontdoor", "workerdoor")}
         assert all(s["requests"] > 0 and s["errors"] == 0 for s in systems.values()), systems
-        assert systems[f"frontdoor_{row['protocol']}"]["throughput_ratio"] is not None
+        for side in ("frontdoor", "workerdoor"):
+            assert systems[f"{side}_{row['protocol']}"]["throughput_ratio"] is not None
     assert [row["replicas"] for row in results["scaling"]] == settings["scaling"]
     for row in results["scaling"]:
         assert set(row["systems"]) == {"direct", "tdask_pipeline"}

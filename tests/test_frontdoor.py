@@ -326,3 +326,57 @@ def test_bodies_received_at_once_are_bounded_and_a_body_that_stalls_is_answered_
         assert status == 200 and answer["outputs"][0]["data"] == [4, 5]
     finally:
         loop.run(small.close(), timeout=30)
+
+
+def _published(loop, client) -> list[dict]:
+    """The front doors in the scheduler's metadata (a closed one leaves None)."""
+    from tdask.registry import FRONTDOORS
+
+    doors = loop.run(lambda: client.get_metadata(FRONTDOORS, default={})) or {}
+    return [d for d in doors.values() if d]
+
+
+def test_front_doors_placed_in_the_workers_serve_every_operator_and_go_with_their_plugin(loop, client, hello_world):
+    """``WorkerFrontDoors``: a front door inside every worker process; stock clients call the pipeline through each,
+    the decoder's Triton server counts every request, each door publishes its counts, and unregistering the plugin
+    closes them all."""
+    from tdask.frontdoor import WorkerFrontDoors
+
+    loop.run(lambda: client.register_plugin(WorkerFrontDoors()))
+    try:
+        where = loop.run(lambda: client.run(WorkerFrontDoors.addresses))
+        assert set(where) == set(client.scheduler_info()["workers"]) and None not in where.values()
+        before = _decoder_count(loop, hello_world)
+        x = np.arange(5, dtype=np.int64)
+        for door in where.values():
+            grpc_ = grpcclient.InferenceServerClient(door["grpc"])
+            answer = grpc_.infer("encoder_decoder", [_input(grpcclient, x)])
+            np.testing.assert_array_equal(answer.as_numpy("output"), x)
+            http = httpclient.InferenceServerClient(door["http"].removeprefix("http://"))
+            decoded = http.infer("decoder", [_input(httpclient, ~np.repeat(x, 3))], parameters={"input_copies": 3})
+            np.testing.assert_array_equal(decoded.as_numpy("output"), x)
+            grpc_.close()
+            http.close()
+        expected = before + 2 * len(where)
+        assert settled_count(lambda: _decoder_count(loop, hello_world), expected) == expected
+
+        def published_grpc_oks() -> int:
+            """The gRPC requests answered, as the workers' front doors publish them for the dashboard."""
+            doors = {d["grpc"]: d for d in _published(loop, client)}
+            return sum(doors.get(w["grpc"], {}).get("by_status", {}).get("grpc OK", 0) for w in where.values())
+
+        assert settled_count(published_grpc_oks, len(where)) == len(where)
+    finally:
+        loop.run(lambda: client.unregister_worker_plugin(WorkerFrontDoors.name))
+    assert set(loop.run(lambda: client.run(WorkerFrontDoors.addresses)).values()) == {None}
+    assert not {d["grpc"] for d in _published(loop, client)} & {w["grpc"] for w in where.values()}
+    with pytest.raises(InferenceServerException):
+        grpcclient.InferenceServerClient(next(iter(where.values()))["grpc"]).is_server_live()
+
+
+def test_remove_without_on_workers_is_refused_with_the_reason(capsys):
+    from tdask.cli.frontdoor import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--remove"])
+    assert exit_.value.code == 2 and "give both" in capsys.readouterr().err

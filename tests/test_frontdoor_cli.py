@@ -120,12 +120,41 @@ def test_deploy_serves_a_model_repository_to_curl_and_tritonclient_and_two_front
         np.testing.assert_array_equal(grpc_.infer("add_sub", _pair(grpcclient, np.ones(4, np.float32),
                                                                    np.ones(4, np.float32))).as_numpy("OUTPUT1"),
                                       np.zeros(4, np.float32))
+
+        # front doors inside the workers: placed by a command that exits, serving until removed
+        _front_doors_on_the_workers(scheduler, env, before_add_sub=lambda: triton_metric_successes(deploy, "add_sub"))
         deploy.p.send_signal(signal.SIGTERM)
         assert deploy.p.wait(120) == 0, deploy.text()[-3000:]
     finally:
         if second is not None:
             second.stop()
         deploy.stop()
+
+
+def _front_doors_on_the_workers(scheduler: str, env: dict[str, str], before_add_sub) -> None:
+    """``tdask-frontdoor --on-workers`` prints one front door per worker and exits; each answers stock clients
+    (Triton counts every request) after that command is gone; ``--on-workers --remove`` closes them."""
+    door = [str(BIN / "tdask-frontdoor"), "--scheduler-address", scheduler, "--on-workers"]
+    placed = subprocess.run(door, env=env, capture_output=True, text=True, timeout=120)
+    assert placed.returncode == 0, placed.stdout + placed.stderr
+    doors = re.findall(r"^Front door in worker (\S+): KServe v2 HTTP: (http://\S+), KServe v2 gRPC: (\S+)$",
+                       placed.stdout, re.M)
+    assert doors and "tdask-frontdoor --on-workers --remove" in placed.stdout, placed.stdout
+    before = before_add_sub()
+    a, b = np.arange(4, dtype=np.float32), np.ones(4, dtype=np.float32)
+    for _, http_url, grpc_address in doors:
+        answer = grpcclient.InferenceServerClient(grpc_address).infer("add_sub", _pair(grpcclient, a, b))
+        np.testing.assert_array_equal(answer.as_numpy("OUTPUT0"), a + b)
+        http = httpclient.InferenceServerClient(http_url.removeprefix("http://"))
+        np.testing.assert_array_equal(http.infer("add_sub", _pair(httpclient, a, b)).as_numpy("OUTPUT1"), a - b)
+    expected = before + 2 * len(doors)
+    assert settled_count(before_add_sub, expected) == expected
+    removed = subprocess.run([*door, "--remove"], env=env, capture_output=True, text=True, timeout=120)
+    assert removed.returncode == 0 and "Removed the workers' front doors" in removed.stdout, removed.stderr
+    with pytest.raises(InferenceServerException):
+        grpcclient.InferenceServerClient(doors[0][2]).is_server_live()
+    again = subprocess.run([*door, "--remove"], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "the workers have no front doors" in again.stderr, again.stderr
 
 
 async def _load_while_one_door_dies(first: str, second: str, second_proc: Proc) -> dict:

@@ -1,5 +1,7 @@
 """``tdask-frontdoor``: one more KServe v2 HTTP/gRPC front door for a running deployment (one per host, say);
-``python -m deploy`` starts one of its own. Every front door serves every operator of the cluster."""
+``python -m deploy`` starts one of its own. Every front door serves every operator of the cluster. With
+``--on-workers`` it places one inside every worker process instead, and exits: they stay with the cluster until
+``--on-workers --remove``."""
 
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from tdask import config
 from tdask.cli.options import add_scheduler_options, at_least, reach_scheduler
 from tdask.deploy.cluster import announced_scheduler_address
 from tdask.errors import TdaskError
-from tdask.frontdoor import FrontDoor
+from tdask.frontdoor import FrontDoor, WorkerFrontDoors
 from tdask.session import connect
+from tdask.worker.plugin import TdaskWorkerPlugin
 
 port = at_least(int, 0, "a port number >= 0 (0: any free port)")
 
@@ -71,7 +74,39 @@ def build_parser() -> argparse.ArgumentParser:
     add_scheduler_options(p)
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     add_front_door_options(p, optional=False)
+    g = p.add_argument_group("front doors inside the workers")
+    g.add_argument("--on-workers", action="store_true",
+                   help="place a front door inside every worker process (also workers that join later), print "
+                        "where each listens and exit; ports default to 0 there (a free one each)")
+    g.add_argument("--remove", action="store_true", help="with --on-workers: take the workers' front doors away")
     return p
+
+
+async def place_on_workers(client: Client, args: argparse.Namespace) -> int:
+    """``--on-workers``: the front doors placed in (or, ``--remove``, taken from) every worker."""
+    if args.remove:
+        try:
+            await client.unregister_worker_plugin(WorkerFrontDoors.name)
+        except ValueError:  # Dask's answer for a plugin not registered
+            print("Error: the workers have no front doors of tdask-frontdoor --on-workers", file=sys.stderr,
+                  flush=True)
+            return 1
+        print("Removed the workers' front doors", flush=True)
+        return 0
+    plugin = WorkerFrontDoors(args.front_door_host, args.http_port or 0, args.grpc_port or 0)
+    await client.register_plugin(TdaskWorkerPlugin())
+    try:
+        await client.register_plugin(plugin)
+    except Exception as e:
+        await client.unregister_worker_plugin(WorkerFrontDoors.name)
+        print(f"Error: front doors on the workers: {e}", file=sys.stderr, flush=True)
+        return 1
+    for worker, where in sorted((await client.run(WorkerFrontDoors.addresses)).items()):
+        if where is not None:
+            print(f"Front door in worker {worker}: KServe v2 HTTP: {where['http']}, KServe v2 gRPC: {where['grpc']}",
+                  flush=True)
+    print("Front doors placed in the workers; tdask-frontdoor --on-workers --remove takes them away", flush=True)
+    return 0
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -83,6 +118,11 @@ async def serve(args: argparse.Namespace) -> int:
     client = await reach_scheduler(address, args.connect_timeout, direct_to_workers=True)
     if client is None:
         return 1
+    if args.on_workers:
+        try:
+            return await place_on_workers(client, args)
+        finally:
+            await client.close()
     try:
         door = await start_front_door(client, args)
         print(f"Front door serving the deployment at {address} ... press Ctrl-C to Exit", flush=True)
@@ -98,7 +138,10 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.remove and not args.on_workers:
+        parser.error("--remove takes the front doors of --on-workers away: give both")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return asyncio.run(serve(args))
 

@@ -2,5 +2,6 @@
 client of Triton or KServe (curl, ``tritonclient``, load generators) calls its operators."""
 
 from tdask.frontdoor.server import FrontDoor
+from tdask.frontdoor.workers import WorkerFrontDoors
 
-__all__ = ["FrontDoor"]
+__all__ = ["FrontDoor", "WorkerFrontDoors"]

@@ -10,6 +10,8 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -50,9 +52,15 @@ class FrontDoor:
     """
 
     def __init__(self, session: Session, host: str = "127.0.0.1", http_port: int = 8000,
-                 grpc_port: int = 8001, close_session: bool = False) -> None:
-        """``close_session``: the front door owns ``session`` and closes it with itself."""
+                 grpc_port: int = 8001, close_session: bool = False,
+                 set_metadata: Callable[[list[str], Any], Awaitable[Any]] | None = None) -> None:
+        """``close_session``: the front door owns ``session`` and closes it with itself. ``set_metadata(keys,
+        value)``: how it reaches the scheduler's metadata (default: the session's client; a front door with
+        neither publishes nothing)."""
         self.core = FrontDoorCore(session)
+        if set_metadata is None and session.client is not None:
+            set_metadata = session.client.set_metadata
+        self._set_metadata = set_metadata
         self._close_session = close_session
         self.host = host
         self.http_port = http_port
@@ -99,18 +107,17 @@ class FrontDoor:
             await self.close()
             raise
         logger.info("front door listening: HTTP %s, gRPC %s", self.http_url, self.grpc_address)
-        if self.core.session.client is not None:
+        if self._set_metadata is not None:
             self._publishing = asyncio.ensure_future(self._publish())
         return self
 
     async def _publish(self) -> None:
         """Its addresses and counts in the scheduler's metadata every second, for the dashboard (an entry not
         renewed for a while is a front door gone)."""
-        client = self.core.session.client
         key = [*FRONTDOORS, self.id]
         while True:
             try:
-                await client.set_metadata(key, {"http": self.http_url, "grpc": self.grpc_address, "time": time.time(),
+                await self._set_metadata(key, {"http": self.http_url, "grpc": self.grpc_address, "time": time.time(),
                                                 **self.core.summary()})
             except asyncio.CancelledError:
                 raise
@@ -124,7 +131,7 @@ class FrontDoor:
             self._publishing.cancel()
             self._publishing = None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.core.session.client.set_metadata([*FRONTDOORS, self.id], None), 5)
+                await asyncio.wait_for(self._set_metadata([*FRONTDOORS, self.id], None), 5)
         if self._grpc is not None:
             await self._grpc.stop(grace)
             self._grpc = None
