@@ -2,10 +2,19 @@
 Triton's generated gRPC stubs (shipped with ``tritonclient``), so that cancelling the call cancels the request in
 Triton. Each call asks for Triton's empty final response, which tells the end of a request's responses. The next
 request's call is opened when a request ends, so that its setup is not on that request's path; inputs that lie in
-shared memory are named, not sent (:meth:`tdask.triton.client.TritonModelClient.stream`)."""
+shared memory are named, not sent (:meth:`tdask.triton.client.TritonModelClient.stream`).
+
+The calls use grpcio's blocking API, each read by a thread of its own that hands responses to the event loop in
+batches (one wake-up for all that arrived meanwhile): grpcio's asyncio API costs more per response (what it
+measured: benchmarks/README.md, streaming)."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
+import queue
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -65,27 +74,93 @@ def response_outputs(response: service_pb2.ModelInferResponse) -> dict[str, np.n
     return outputs
 
 
+_END = object()  # ends a call's requests; also what its reader leaves after the last response
+
+
+class _Call:
+    """One ``ModelStreamInfer`` call: grpcio's threads send what :meth:`send` queues; a thread of this call reads
+    the responses into a buffer the event loop drains (:meth:`read`)."""
+
+    def __init__(self, stub: Any) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._call = stub.ModelStreamInfer(iter(self._requests.get, _END))
+        self._buffer: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
+        self._lock = threading.Lock()
+        self._wake_pending = False
+        threading.Thread(target=self._read_all, name="tdask-triton-stream", daemon=True).start()
+
+    def _read_all(self) -> None:
+        try:
+            for response in self._call:
+                self._arrived(response)
+            self._arrived(_END)
+        except grpc.RpcError as e:
+            self._arrived(e)
+
+    def _arrived(self, item: Any) -> None:
+        self._buffer.append(item)
+        with self._lock:
+            if self._wake_pending:  # the loop has not drained the last wake-up's yet: it takes this one too
+                return
+            self._wake_pending = True
+        try:
+            self._loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:  # the loop closed: nobody reads any more
+            pass
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def send(self, request: service_pb2.ModelInferRequest) -> None:
+        self._requests.put(request)
+
+    async def read(self) -> Any:
+        """The next response, ``_END`` after the last one, or the call's ``grpc.RpcError``."""
+        while not self._buffer:
+            self._waiter = self._loop.create_future()
+            if self._buffer:  # arrived between the check and the future
+                break
+            await self._waiter
+        return self._buffer.popleft()
+
+    def done(self) -> bool:
+        return self._call.done()
+
+    def end(self, cancel: bool) -> None:
+        """No more requests; ``cancel``: the request in Triton too."""
+        self._requests.put(_END)
+        if cancel:
+            self._call.cancel()
+
+
 class TritonStreams:
     """Streamed requests to one Triton server's gRPC port ``url``."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: grpc.Channel | None = None
         self._stub: Any = None
-        self._spare: Any = None  # a call opened ahead of the next request: its setup is not on that request's path
+        self._spare: _Call | None = None  # opened ahead of the next request: its setup is not on that request's path
 
     def _stubs(self) -> Any:
-        if self._stub is None:  # made on first use, on the loop that uses it
-            self._channel = grpc.aio.insecure_channel(self.url, options=[("grpc.max_receive_message_length", -1),
-                                                                         ("grpc.max_send_message_length", -1)])
+        if self._stub is None:  # made on first use
+            self._channel = grpc.insecure_channel(self.url, options=[("grpc.max_receive_message_length", -1),
+                                                                     ("grpc.max_send_message_length", -1)])
             self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub
 
-    def _call(self) -> Any:
+    def _call(self) -> _Call:
         """A ``ModelStreamInfer`` call for one request: the spare opened after the last request, or a new one."""
         call, self._spare = self._spare, None
         if call is None or call.done():
-            call = self._stubs().ModelStreamInfer()
+            if call is not None:
+                call.end(cancel=True)
+            call = _Call(self._stubs())
         return call
 
     async def stream(self, model: str, inputs: dict[str, np.ndarray], *, parameters: dict | None = None,
@@ -97,32 +172,29 @@ class TritonStreams:
         call = self._call()
         final = False
         try:
-            await call.write(request)
+            call.send(request)
             while not final:
                 response = await call.read()
-                if response is grpc.aio.EOF:
+                if response is _END:
                     raise TritonError(f"{model}: Triton ended the stream of request {request_id} without its final "
-                                      "response", status=str(await call.code()))
+                                      "response", status="StatusCode.OK")
+                if isinstance(response, grpc.RpcError):
+                    raise triton_error(model, response.details() or str(response), str(response.code()))
                 if response.error_message:  # the request's end too
-                    final = True
-                    call.cancel()
                     raise triton_error(model, response.error_message, "")
                 infer = response.infer_response
                 final = FINAL in infer.parameters and infer.parameters[FINAL].bool_param
                 yield response_outputs(infer), final
-            await call.done_writing()
-        except grpc.aio.AioRpcError as e:
-            raise triton_error(model, e.details() or str(e), str(e.code())) from e
         finally:
-            if not final:  # the reader stopped early: cancels the request in Triton
-                call.cancel()
+            call.end(cancel=not final)  # a reader that stopped early cancels the request in Triton
             if self._spare is None and self._channel is not None:
-                self._spare = self._stub.ModelStreamInfer()
+                with contextlib.suppress(RuntimeError):  # no running loop (a generator closed late): no spare
+                    self._spare = _Call(self._stub)
 
     async def close(self) -> None:
         if self._spare is not None:
-            self._spare.cancel()
+            self._spare.end(cancel=True)
             self._spare = None
         if self._channel is not None:
             channel, self._channel, self._stub = self._channel, None, None
-            await channel.close()
+            channel.close()
