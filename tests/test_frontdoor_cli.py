@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -155,6 +156,14 @@ def _front_doors_on_the_workers(scheduler: str, env: dict[str, str], before_add_
         grpcclient.InferenceServerClient(doors[0][2]).is_server_live()
     again = subprocess.run([*door, "--remove"], env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "the workers have no front doors" in again.stderr, again.stderr
+    with socket.socket() as taken:  # a port no worker can take: an error, and no front door stays anywhere
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        refused = subprocess.run([*door, "--http-port", str(taken.getsockname()[1])], env=env, capture_output=True,
+                                 text=True, timeout=120)
+    assert refused.returncode == 1 and "Error: front doors on the workers:" in refused.stderr, refused.stderr
+    still = subprocess.run([*door, "--remove"], env=env, capture_output=True, text=True, timeout=120)
+    assert still.returncode == 1 and "the workers have no front doors" in still.stderr, still.stderr
 
 
 async def _load_while_one_door_dies(first: str, second: str, second_proc: Proc) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -94,11 +95,12 @@ async def place_on_workers(client: Client, args: argparse.Namespace) -> int:
         print("Removed the workers' front doors", flush=True)
         return 0
     plugin = WorkerFrontDoors(args.front_door_host, args.http_port or 0, args.grpc_port or 0)
-    await client.register_plugin(TdaskWorkerPlugin())
     try:
+        await client.register_plugin(TdaskWorkerPlugin())
         await client.register_plugin(plugin)
-    except Exception as e:
-        await client.unregister_worker_plugin(WorkerFrontDoors.name)
+    except Exception as e:  # a worker could not start its front door (a port taken): none stays
+        with contextlib.suppress(ValueError):
+            await client.unregister_worker_plugin(WorkerFrontDoors.name)
         print(f"Error: front doors on the workers: {e}", file=sys.stderr, flush=True)
         return 1
     for worker, where in sorted((await client.run(WorkerFrontDoors.addresses)).items()):
