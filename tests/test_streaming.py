@@ -214,6 +214,29 @@ def test_slow_reader_bounds_what_the_producer_buffers(loop, session, streaming):
     assert most <= window
 
 
+def test_slow_reader_bounds_what_the_worker_reads_from_triton(loop, session, streaming):
+    import dask.config
+
+    window = dask.config.get("tdask.request.stream-window")
+
+    def most_buffered(dask_worker):
+        return max([c.streams.most_buffered for c in dask_worker.extensions["tdask"].triton.clients()], default=0)
+
+    async def run():
+        op = await session.operator("decoder_stream")
+        n = 0
+        async with op.stream({"input": np.arange(1000, dtype=np.int64)}, {"chunk_size": 1}) as responses:
+            async for _ in responses:
+                n += 1
+                if n % 100 == 0:
+                    await asyncio.sleep(0.05)  # Triton sends on meanwhile: the worker reads no more than its window
+        return n, max((await session.client.run(most_buffered)).values())
+
+    n, most = loop.run(run())
+    assert n == 1000
+    assert 1 <= most <= window
+
+
 # -- the front door ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def door(loop, session, streaming):

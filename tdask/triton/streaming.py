@@ -6,7 +6,9 @@ shared memory are named, not sent (:meth:`tdask.triton.client.TritonModelClient.
 
 The calls use grpcio's blocking API, each read by a thread of its own that hands responses to the event loop in
 batches (one wake-up for all that arrived meanwhile): grpcio's asyncio API costs more per response (what it
-measured: benchmarks/README.md, streaming)."""
+measured: benchmarks/README.md, streaming). The thread reads a response only when fewer than
+``tdask.request.stream-window`` wait unread: beyond them, gRPC's flow control holds Triton back, not this
+process's memory."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
+from tdask import config
 from tdask.errors import InvalidRequestError, TritonError
 from tdask.triton.http import InputRegion, triton_error
 
@@ -79,13 +82,15 @@ _END = object()  # ends a call's requests; also what its reader leaves after the
 
 class _Call:
     """One ``ModelStreamInfer`` call: grpcio's threads send what :meth:`send` queues; a thread of this call reads
-    the responses into a buffer the event loop drains (:meth:`read`)."""
+    the responses into a buffer the event loop drains (:meth:`read`), at most ``capacity`` of them unread."""
 
-    def __init__(self, stub: Any) -> None:
+    def __init__(self, stub: Any, capacity: int, streams: TritonStreams) -> None:
         self._loop = asyncio.get_running_loop()
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._call = stub.ModelStreamInfer(iter(self._requests.get, _END))
         self._buffer: collections.deque = collections.deque()
+        self._room = threading.Semaphore(max(1, capacity))  # a slot per response read and not yet drained
+        self._streams = streams
         self._waiter: asyncio.Future | None = None
         self._lock = threading.Lock()
         self._wake_pending = False
@@ -93,14 +98,18 @@ class _Call:
 
     def _read_all(self) -> None:
         try:
-            for response in self._call:
+            while True:
+                self._room.acquire()  # released as the loop drains, and once by end()
+                response = next(self._call, _END)
                 self._arrived(response)
-            self._arrived(_END)
+                if response is _END:
+                    return
         except grpc.RpcError as e:
             self._arrived(e)
 
     def _arrived(self, item: Any) -> None:
         self._buffer.append(item)
+        self._streams.most_buffered = max(self._streams.most_buffered, len(self._buffer))
         with self._lock:
             if self._wake_pending:  # the loop has not drained the last wake-up's yet: it takes this one too
                 return
@@ -126,16 +135,19 @@ class _Call:
             if self._buffer:  # arrived between the check and the future
                 break
             await self._waiter
+        self._room.release()
         return self._buffer.popleft()
 
     def done(self) -> bool:
         return self._call.done()
 
     def end(self, cancel: bool) -> None:
-        """No more requests; ``cancel``: the request in Triton too."""
+        """No more requests; ``cancel``: the request in Triton too. A reader waiting for room reads on, to
+        the call's end (nothing comes after a final response but the end)."""
         self._requests.put(_END)
         if cancel:
             self._call.cancel()
+        self._room.release()
 
 
 class TritonStreams:
@@ -146,6 +158,7 @@ class TritonStreams:
         self._channel: grpc.Channel | None = None
         self._stub: Any = None
         self._spare: _Call | None = None  # opened ahead of the next request: its setup is not on that request's path
+        self.most_buffered = 0  # the most responses that ever waited unread in this process (tests read it)
 
     def _stubs(self) -> Any:
         if self._stub is None:  # made on first use
@@ -160,8 +173,11 @@ class TritonStreams:
         if call is None or call.done():
             if call is not None:
                 call.end(cancel=True)
-            call = _Call(self._stubs())
+            call = self._new_call()
         return call
+
+    def _new_call(self) -> _Call:
+        return _Call(self._stubs(), int(config.get("request.stream-window")), self)
 
     async def stream(self, model: str, inputs: dict[str, np.ndarray], *, parameters: dict | None = None,
                      request_id: str = "", model_version: str = "", in_regions: dict[str, InputRegion] | None = None,
@@ -189,7 +205,7 @@ class TritonStreams:
             call.end(cancel=not final)  # a reader that stopped early cancels the request in Triton
             if self._spare is None and self._channel is not None:
                 with contextlib.suppress(RuntimeError):  # no running loop (a generator closed late): no spare
-                    self._spare = _Call(self._stub)
+                    self._spare = self._new_call()
 
     async def close(self) -> None:
         if self._spare is not None:
