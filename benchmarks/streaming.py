@@ -5,8 +5,8 @@ Each request asks ``decoder_stream`` for ``--responses`` responses of ``--chunk`
 ``responses * chunk`` elements). ``direct``: stock ``tritonclient.grpc`` streaming (``start_stream`` /
 ``async_stream_infer``, the form of Triton's own examples), called straight at the Triton server tdask started
 for the replica. ``tdask``: ``RemoteOperator.stream`` from this process, through the replica's worker. Rounds are
-interleaved (direct, tdask, repeated); the ratios are of the medians over rounds. Requests run one at a time (a
-stream's time to first response and its response rate are what a reader waits for).
+interleaved, each side going first in every other round; the ratios are of the medians over rounds. Requests run
+one at a time (a stream's time to first response and its response rate are what a reader waits for).
 """
 
 from __future__ import annotations
@@ -114,17 +114,20 @@ async def measure(args: argparse.Namespace, client: Any, op: Any, x: np.ndarray)
     await tdask_stream(op, x, args.chunk, 3)
     rounds: dict[str, list] = {"direct": [], "tdask": []}
     busy = {"direct": CpuBusy(), "tdask": CpuBusy()}
-    for _ in range(args.rounds):
-        busy["direct"].start()
-        rounds["direct"].append(await asyncio.to_thread(direct_stream, url, x, args.chunk, args.requests))
-        busy["direct"].stop()
-        busy["tdask"].start()
-        rounds["tdask"].append(await tdask_stream(op, x, args.chunk, args.requests))
-        busy["tdask"].stop()
+    order = [("direct", "tdask") if i % 2 == 0 else ("tdask", "direct") for i in range(args.rounds)]
+    for sides in order:  # neither side always goes first
+        for side in sides:
+            busy[side].start()
+            if side == "direct":
+                rounds[side].append(await asyncio.to_thread(direct_stream, url, x, args.chunk, args.requests))
+            else:
+                rounds[side].append(await tdask_stream(op, x, args.chunk, args.requests))
+            busy[side].stop()
     result = {side: summarize(rounds[side], busy[side]) for side in rounds}
     d, t = result["direct"], result["tdask"]
     result["first_response_overhead_ms"] = round(t["first_response_p50_ms"] - d["first_response_p50_ms"], 3)
     result["responses_per_s_ratio"] = round(t["responses_per_s"] / d["responses_per_s"], 3)
+    result["first_each_round"] = [sides[0] for sides in order]
     result["settings"] = vars(args)
     result["environment"] = environment()
     return result
@@ -135,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--responses", type=int, default=100, help="responses per request")
     p.add_argument("--chunk", type=int, default=1000, help="int64 elements per response")
-    p.add_argument("--requests", type=int, default=20, help="requests per round and side")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--requests", type=int, default=40, help="requests per round and side")
+    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds")
     p.add_argument("--output", type=Path, default=RESULTS, help="where the JSON results go")
     args = p.parse_args(argv)
     result = asyncio.run(run(args))

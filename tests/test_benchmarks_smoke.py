@@ -73,3 +73,20 @@ def test_mechanisms_smoke_run_measures_each_mechanism_on_and_off_and_the_switch_
             assert cell["on"]["requests"] > 0 and cell["off"]["requests"] > 0
             assert cell["on"]["errors"] == 0 and cell["off"]["errors"] == 0
             assert cell["gain"] is not None
+
+
+def test_streaming_benchmark_interleaves_both_sides_and_writes_its_ratios(tmp_path):
+    out = tmp_path / "streaming.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.streaming", "--rounds", "2", "--requests", "2", "--responses", "5",
+         "--output", str(out)],
+        cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["first_each_round"] == ["direct", "tdask"]
+    for side in ("direct", "tdask"):
+        assert len(results[side]["rounds"]) == 2
+        assert results[side]["responses_per_s"] > 0 and results[side]["first_response_p50_ms"] > 0
+    assert results["responses_per_s_ratio"] > 0
+    assert "tdask / direct: first response" in proc.stdout
