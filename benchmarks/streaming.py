@@ -128,7 +128,7 @@ async def measure(args: argparse.Namespace, client: Any, op: Any, x: np.ndarray)
     result["first_response_overhead_ms"] = round(t["first_response_p50_ms"] - d["first_response_p50_ms"], 3)
     result["responses_per_s_ratio"] = round(t["responses_per_s"] / d["responses_per_s"], 3)
     result["first_each_round"] = [sides[0] for sides in order]
-    result["settings"] = vars(args)
+    result["settings"] = {k: v for k, v in vars(args).items() if k != "output"}
     result["environment"] = environment()
     return result
 
