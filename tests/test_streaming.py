@@ -237,6 +237,32 @@ def test_slow_reader_bounds_what_the_worker_reads_from_triton(loop, session, str
     assert 1 <= most <= window
 
 
+def test_a_call_to_triton_carries_the_next_request_unless_its_request_was_cancelled(loop, session, streaming):
+    def opened(dask_worker):
+        return sum(c.streams.calls_opened for c in dask_worker.extensions["tdask"].triton.clients())
+
+    async def calls_opened():
+        return sum((await session.client.run(opened)).values())
+
+    async def run():
+        x = np.arange(30, dtype=np.int64)
+        await _collect(session, "decoder_stream", {"input": x}, {"chunk_size": 10})  # a call is open and idle
+        before = await calls_opened()
+        for _ in range(3):
+            assert len(await _collect(session, "decoder_stream", {"input": x}, {"chunk_size": 10})) == 3
+        reused = await calls_opened() - before
+        op = await session.operator("decoder_stream")
+        async with op.stream({"input": np.arange(1000, dtype=np.int64)}, {"chunk_size": 1}) as responses:
+            async for _ in responses:
+                break  # cancelled: its call is cancelled with it
+        assert len(await _collect(session, "decoder_stream", {"input": x}, {"chunk_size": 10})) == 3
+        return reused, await calls_opened() - before
+
+    reused, after_cancel = loop.run(run())
+    assert reused == 0
+    assert after_cancel == 1
+
+
 # -- the front door ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def door(loop, session, streaming):

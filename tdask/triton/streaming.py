@@ -141,6 +141,10 @@ class _Call:
     def done(self) -> bool:
         return self._call.done()
 
+    def reusable(self) -> bool:
+        """Whether another request may go on this call: it is open and nothing of the last one waits unread."""
+        return not self._buffer and not self._call.done()
+
     def end(self, cancel: bool) -> None:
         """No more requests; ``cancel``: the request in Triton too. A reader waiting for room reads on, to
         the call's end (nothing comes after a final response but the end)."""
@@ -159,6 +163,7 @@ class TritonStreams:
         self._stub: Any = None
         self._idle: list[_Call] = []  # calls whose last request ended: later requests go on them
         self.most_buffered = 0  # the most responses that ever waited unread in this process (tests read it)
+        self.calls_opened = 0
 
     def _stubs(self) -> Any:
         if self._stub is None:  # made on first use
@@ -171,12 +176,13 @@ class TritonStreams:
         """A ``ModelStreamInfer`` call for one request: one whose last request ended, or a new one."""
         while self._idle:
             call = self._idle.pop()
-            if not call.done():
+            if call.reusable():
                 return call
             call.end(cancel=True)
         return self._new_call()
 
     def _new_call(self) -> _Call:
+        self.calls_opened += 1
         return _Call(self._stubs(), int(config.get("request.stream-window")), self)
 
     async def stream(self, model: str, inputs: dict[str, np.ndarray], *, parameters: dict | None = None,
@@ -199,6 +205,9 @@ class TritonStreams:
                 if response.error_message:  # the request's end too
                     raise triton_error(model, response.error_message, "")
                 infer = response.infer_response
+                if infer.id != request.id:  # never another request's response as this one's
+                    raise TritonError(f"{model}: Triton answered request {request.id!r} with a response of request "
+                                      f"{infer.id!r}", status="StatusCode.OK")
                 final = FINAL in infer.parameters and infer.parameters[FINAL].bool_param
                 yield response_outputs(infer), final
             ended = True  # the request's responses were all read: its call can carry another
