@@ -238,29 +238,34 @@ def test_slow_reader_bounds_what_the_worker_reads_from_triton(loop, session, str
 
 
 def test_a_call_to_triton_carries_the_next_request_unless_its_request_was_cancelled(loop, session, streaming):
-    def opened(dask_worker):
-        return sum(c.streams.calls_opened for c in dask_worker.extensions["tdask"].triton.clients())
+    def calls(dask_worker):
+        clients = dask_worker.extensions["tdask"].triton.clients()
+        return [sum(c.streams.calls_opened for c in clients), sum(c.streams.calls_cancelled for c in clients)]
 
-    async def calls_opened():
-        return sum((await session.client.run(opened)).values())
+    async def opened_and_cancelled():
+        return [sum(column) for column in zip(*(await session.client.run(calls)).values(), strict=True)]
 
     async def run():
         x = np.arange(30, dtype=np.int64)
         await _collect(session, "decoder_stream", {"input": x}, {"chunk_size": 10})  # a call is open and idle
-        before = await calls_opened()
+        opened, cancelled = await opened_and_cancelled()
         for _ in range(3):
             assert len(await _collect(session, "decoder_stream", {"input": x}, {"chunk_size": 10})) == 3
-        reused = await calls_opened() - before
+        opened_in_a_row = (await opened_and_cancelled())[0] - opened
         op = await session.operator("decoder_stream")
         async with op.stream({"input": np.arange(1000, dtype=np.int64)}, {"chunk_size": 1}) as responses:
             async for _ in responses:
-                break  # cancelled: its call is cancelled with it
+                break  # cancelled: its call is cancelled with it, not kept for the next request
+        for _ in range(100):
+            if (await opened_and_cancelled())[1] > cancelled:
+                break
+            await asyncio.sleep(0.05)
         assert len(await _collect(session, "decoder_stream", {"input": x}, {"chunk_size": 10})) == 3
-        return reused, await calls_opened() - before
+        return opened_in_a_row, (await opened_and_cancelled())[1] - cancelled
 
-    reused, after_cancel = loop.run(run())
-    assert reused == 0
-    assert after_cancel == 1
+    opened_in_a_row, cancelled = loop.run(run())
+    assert opened_in_a_row == 0
+    assert cancelled == 1
 
 
 # -- the front door ---------------------------------------------------------------------------------------------

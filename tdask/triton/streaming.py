@@ -163,7 +163,7 @@ class TritonStreams:
         self._stub: Any = None
         self._idle: list[_Call] = []  # calls whose last request ended: later requests go on them
         self.most_buffered = 0  # the most responses that ever waited unread in this process (tests read it)
-        self.calls_opened = 0
+        self.calls_opened = self.calls_cancelled = 0  # (tests read them)
 
     def _stubs(self) -> Any:
         if self._stub is None:  # made on first use
@@ -216,6 +216,7 @@ class TritonStreams:
                 self._idle.append(call)
             else:
                 call.end(cancel=not final)  # a reader that stopped early cancels the request in Triton
+                self.calls_cancelled += not final
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
