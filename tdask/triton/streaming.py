@@ -84,13 +84,13 @@ class _Call:
     """One ``ModelStreamInfer`` call: grpcio's threads send what :meth:`send` queues; a thread of this call reads
     the responses into a buffer the event loop drains (:meth:`read`), at most ``capacity`` of them unread."""
 
-    def __init__(self, stub: Any, capacity: int, streams: TritonStreams) -> None:
+    def __init__(self, stub: Any, capacity: int) -> None:
         self._loop = asyncio.get_running_loop()
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._call = stub.ModelStreamInfer(iter(self._requests.get, _END))
         self._buffer: collections.deque = collections.deque()
         self._room = threading.Semaphore(max(1, capacity))  # a slot per response read and not yet drained
-        self._streams = streams
+        self.most_buffered = 0  # the most responses that waited unread
         self._waiter: asyncio.Future | None = None
         self._lock = threading.Lock()
         self._wake_pending = False
@@ -109,7 +109,7 @@ class _Call:
 
     def _arrived(self, item: Any) -> None:
         self._buffer.append(item)
-        self._streams.most_buffered = max(self._streams.most_buffered, len(self._buffer))
+        self.most_buffered = max(self.most_buffered, len(self._buffer))
         with self._lock:
             if self._wake_pending:  # the loop has not drained the last wake-up's yet: it takes this one too
                 return
@@ -137,9 +137,6 @@ class _Call:
             await self._waiter
         self._room.release()
         return self._buffer.popleft()
-
-    def done(self) -> bool:
-        return self._call.done()
 
     def reusable(self) -> bool:
         """Whether another request may go on this call: it is open and nothing of the last one waits unread."""
@@ -183,7 +180,7 @@ class TritonStreams:
 
     def _new_call(self) -> _Call:
         self.calls_opened += 1
-        return _Call(self._stubs(), int(config.get("request.stream-window")), self)
+        return _Call(self._stubs(), int(config.get("request.stream-window")))
 
     async def stream(self, model: str, inputs: dict[str, np.ndarray], *, parameters: dict | None = None,
                      request_id: str = "", model_version: str = "", in_regions: dict[str, InputRegion] | None = None,
@@ -212,6 +209,7 @@ class TritonStreams:
                 yield response_outputs(infer), final
             ended = True  # the request's responses were all read: its call can carry another
         finally:
+            self.most_buffered = max(self.most_buffered, call.most_buffered)
             if ended and self._channel is not None and len(self._idle) < int(config.get("triton.idle-stream-calls")):
                 self._idle.append(call)
             else:
